@@ -1,0 +1,139 @@
+"""ModelsLab img2video request, response and callback shapes (DESIGN §1).
+
+The request schema enforces ModelsLab's documented limits. The response schema
+is deliberately tolerant: ModelsLab sends ``id`` as int or str, ``output`` as a
+list or an (empty) string, ``message`` or ``messege``, ``error`` or ``failed``,
+and ``track_id`` at the top level or inside ``meta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
+
+SUPPORTED_MODELS = ("wan2.2", "ltx-2.3")
+OUTPUT_TYPES = ("mp4", "gif")
+SUCCESS = "success"
+PROCESSING = "processing"
+FAILED = "failed"
+
+
+class Img2VideoParams(Schema):
+    """Generation parameters a client may set, with ModelsLab's limits."""
+
+    prompt = fields.String(validate=validate.Length(max=4000))
+    negative_prompt = fields.String(validate=validate.Length(max=4000))
+    height = fields.Integer(validate=validate.Range(min=64, max=512))
+    width = fields.Integer(validate=validate.Range(min=64, max=512))
+    num_frames = fields.Integer(validate=validate.Range(min=1, max=25))
+    num_inference_steps = fields.Integer(validate=validate.Range(min=1, max=50))
+    min_guidance_scale = fields.Float(validate=validate.Range(min=1, max=8))
+    max_guidance_scale = fields.Float(validate=validate.Range(min=1, max=8))
+    motion_bucket_id = fields.Integer(validate=validate.Range(min=1, max=255))
+    noise_aug_strength = fields.Float(validate=validate.Range(min=0, max=1))
+    fps = fields.Integer(validate=validate.Range(min=1, max=16))
+    output_type = fields.String(validate=validate.OneOf(OUTPUT_TYPES))
+    temp = fields.Boolean()
+
+
+class Img2VideoRequest(Img2VideoParams):
+    """The body motionhook POSTs to ``/video/img2video``."""
+
+    key = fields.String(required=True)
+    model_id = fields.String(required=True, validate=validate.OneOf(SUPPORTED_MODELS))
+    init_image = fields.Url(required=True, schemes={"http", "https"})
+    webhook = fields.Url(schemes={"http", "https"}, require_tld=False)
+    track_id = fields.String()
+
+
+class _Flexible(fields.Field[Any]):
+    """Accept whatever ModelsLab sends; normalization happens in ``pre_load``."""
+
+
+@dataclass(frozen=True)
+class UpstreamResult:
+    """One normalized ModelsLab answer: submit response, fetch response or callback."""
+
+    status: str
+    upstream_id: str | None = None
+    output: list[str] = field(default_factory=list)
+    future_links: list[str] = field(default_factory=list)
+    eta: float | None = None
+    fetch_result: str | None = None
+    message: str | None = None
+    track_id: str | None = None
+    retry_after: float | None = None
+    generation_time: float | None = None
+
+
+def _as_url_list(value: Any) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [str(item) for item in value if isinstance(item, str) and item]
+    return []
+
+
+class UpstreamResponse(Schema):
+    """A ModelsLab response or callback, normalized into :class:`UpstreamResult`."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(required=True, validate=validate.Length(min=1, max=32))
+    id = fields.String(allow_none=True)
+    output = _Flexible(load_default=list)
+    future_links = _Flexible(load_default=list)
+    eta = fields.Float(allow_none=True)
+    fetch_result = fields.String(allow_none=True)
+    message = fields.String(allow_none=True)
+    track_id = fields.String(allow_none=True)
+    retry_after = fields.Float(allow_none=True)
+    generationTime = fields.Float(allow_none=True)  # noqa: N815 - upstream's name
+
+    @pre_load
+    def _normalize(self, data: Any, **_kwargs: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValidationError("body must be a JSON object")
+        data = dict(data)
+        if isinstance(data.get("id"), int | float) and not isinstance(data.get("id"), bool):
+            data["id"] = str(int(data["id"]))
+        if "message" not in data and "messege" in data:
+            data["message"] = data["messege"]
+        for name in ("message", "fetch_result", "track_id"):
+            if name in data and data[name] is not None and not isinstance(data[name], str):
+                data[name] = str(data[name])
+        meta = data.get("meta")
+        if not data.get("track_id") and isinstance(meta, dict) and meta.get("track_id"):
+            data["track_id"] = str(meta["track_id"])
+        for name in ("eta", "retry_after", "generationTime"):
+            if not isinstance(data.get(name), int | float) or isinstance(data.get(name), bool):
+                data.pop(name, None)
+        status = data.get("status")
+        data["status"] = str(status).strip().lower() if status is not None else status
+        return {key: data[key] for key in self.fields if key in data}
+
+    @post_load
+    def _build(self, data: dict[str, Any], **_kwargs: Any) -> UpstreamResult:
+        status = data["status"]
+        if status == "error":
+            status = FAILED
+        return UpstreamResult(
+            status=status,
+            upstream_id=data.get("id"),
+            output=_as_url_list(data.get("output")),
+            future_links=_as_url_list(data.get("future_links")),
+            eta=data.get("eta"),
+            fetch_result=data.get("fetch_result"),
+            message=data.get("message"),
+            track_id=data.get("track_id"),
+            retry_after=data.get("retry_after"),
+            generation_time=data.get("generationTime"),
+        )
+
+
+UPSTREAM_RESPONSE = UpstreamResponse()

@@ -1,0 +1,130 @@
+"""The ``motionhook`` command: dev, worker, db upgrade, simulate, demo, prune."""
+
+from __future__ import annotations
+
+import click
+
+from service.config import ConfigError
+
+
+def load_services(overrides: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
+    """Build settings and services the same way the web app does."""
+    from service import create_app
+    from service.extension import Services
+
+    try:
+        app = create_app(overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    services: Services = app.extensions["motionhook"]
+    return app, services
+
+
+@click.group()
+def main() -> None:
+    """motionhook: ModelsLab image-to-video jobs, callbacks and fan-out."""
+
+
+@main.group()
+def db() -> None:
+    """Database commands."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration."""
+    from service.migrate import upgrade
+
+    _app, services = load_services()
+    upgrade(services.db)
+    click.echo("database is at the newest migration")
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run until no work is due, then exit.")
+def worker(once: bool) -> None:
+    """Run the worker: submit, download, reconcile, deliver."""
+    from service.worker import run_worker
+
+    _app, services = load_services()
+    run_worker(services, once=once)
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, help="Port of the web process.")
+@click.option("--simulator-port", default=8010, show_default=True)
+def dev(port: int, simulator_port: int) -> None:
+    """Run web + worker + the ModelsLab simulator on SQLite (what `make run` does)."""
+    import os
+    import time
+    from pathlib import Path
+
+    from service.devstack import SAMPLE_IMAGE, Stack
+    from service.migrate import upgrade
+
+    app, services = load_services()
+    settings = services.settings
+    upgrade(services.db)
+    use_simulator = not os.environ.get("MOTIONHOOK_MODELSLAB_API_KEY")
+    user_env = {k: v for k, v in os.environ.items() if k.startswith("MOTIONHOOK_")}
+    stack = Stack(
+        Path(app.instance_path), env=user_env, web_port=port, sim_port=simulator_port,
+        token=settings.api_tokens[0], simulator=use_simulator,
+    )
+    stack.env.setdefault("MOTIONHOOK_PUBLIC_URL", stack.web_url)
+    if use_simulator:
+        stack.start_simulator()
+    stack.start_web()
+    stack.start_worker()
+    token = settings.api_tokens[0]
+    base = stack.web_url
+    click.echo(
+        f"""
+motionhook is running: web {base} (docs {base}/docs), worker, """
+        + (f"ModelsLab simulator {stack.sim_url}" if use_simulator else "real ModelsLab")
+        + f"""
+Database: {settings.database_url}   logs: {app.instance_path}/*.log
+API token: {token}
+
+Submit the bundled sample image:
+  curl -s -H "Authorization: Bearer {token}" -F image=@{SAMPLE_IMAGE} \\
+       -F prompt="a slow zoom over the hills" {base}/v1/jobs
+
+Then watch it complete (about two seconds):
+  curl -s -H "Authorization: Bearer {token}" {base}/v1/jobs/<id from above>
+
+Ctrl-C stops everything.
+"""
+    )
+    try:
+        while all(process.popen.poll() is None for process in stack.processes):
+            time.sleep(0.5)
+        failed = [p.name for p in stack.processes if p.popen.poll() is not None]
+        raise click.ClickException(f"{', '.join(failed)} stopped; see {app.instance_path}/*.log")
+    except KeyboardInterrupt:
+        click.echo("stopping ...")
+    finally:
+        stack.stop()
+
+
+@main.command()
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the video.")
+def demo(timeout: float) -> None:
+    """Run one full round trip; exit 0 only when a signed job.completed and a playable video arrived."""
+    from service.demo import run_demo
+
+    if not run_demo(click.echo, timeout=timeout):
+        raise SystemExit(1)
+
+
+def _register_optional() -> None:
+    from service.simulator import simulate_command
+
+    main.add_command(simulate_command, "simulate")
+
+
+_register_optional()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Configuration: defaults, then ``MOTIONHOOK_*`` environment, then a test mapping.
+
+Flask's ``app.config`` holds the raw values; :class:`Settings` is the typed,
+validated view the rest of the code (web, worker, CLI) reads.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
+PRODUCTION = "production"
+
+DEFAULTS: dict[str, Any] = {
+    "ENV": "development",
+    "DATABASE_URL": None,
+    "PUBLIC_URL": "http://127.0.0.1:8000",
+    "API_TOKENS": None,
+    "CALLBACK_SECRET": None,
+    "CALLBACK_SECRET_PREVIOUS": None,
+    "WEBHOOK_SECRET": None,
+    "MODELSLAB_API_KEY": None,
+    "MODELSLAB_BASE_URL": "https://modelslab.com/api/v6",
+    "STORAGE_URL": None,
+    "S3_ENDPOINT_URL": None,
+    "MEDIA_PUBLIC_BASE_URL": None,
+    "ALLOW_PRIVATE_TARGETS": None,
+    "RETRY_SCHEDULE": DEFAULT_RETRY_SCHEDULE,
+    "DELIVERY_TIMEOUT": 15,
+    "DISABLE_AFTER": 5 * 24 * 3600,
+    "CALLBACK_GRACE": 600,
+    "JOB_TIMEOUT": 7200,
+    "MEDIA_URL_TTL": 7 * 24 * 3600,
+    "UPSTREAM_TIMEOUT": 30,
+    "MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
+    "MAX_OUTPUT_BYTES": 200 * 1024 * 1024,
+    "DOWNLOAD_DEADLINE": 900,
+    "DOWNLOAD_TIMEOUT": 300,
+    "DELIVERY_THREADS": 8,
+    "TASK_THREADS": 4,
+    "TASK_LEASE": 120,
+    "DELIVERY_LEASE": None,
+    "SHUTDOWN_GRACE": 25,
+    "RATELIMIT": "600/minute",
+    "RATELIMIT_STORAGE_URL": "memory://",
+    "LOG_LEVEL": "INFO",
+}
+
+
+class ConfigError(RuntimeError):
+    """Raised when the configuration cannot run; the message names what is missing."""
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    return str(value).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _as_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
+def _as_seconds(name: str, value: Any) -> float:
+    """Accept a number of seconds, or a string with an s/m/h/d suffix."""
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"MOTIONHOOK_{name} must be a number of seconds, got {text!r}") from None
+
+
+def parse_retry_schedule(value: Any) -> tuple[float, ...]:
+    """Parse ``5,300,1800`` into seconds, naming the bad item when one is not a number."""
+    items = _as_list(value) if not isinstance(value, int | float) else (str(value),)
+    schedule = []
+    for item in items:
+        try:
+            seconds = float(item)
+        except ValueError:
+            raise ConfigError(
+                f"MOTIONHOOK_RETRY_SCHEDULE item {item!r} is not a number of seconds"
+            ) from None
+        if seconds < 0:
+            raise ConfigError(f"MOTIONHOOK_RETRY_SCHEDULE item {item!r} is negative")
+        schedule.append(seconds)
+    return tuple(schedule)
+
+
+def _instance_secret(instance: Path, name: str, prefix: str = "") -> str:
+    """Return a development secret kept in ``instance/``, generating it on first use."""
+    path = instance / name
+    if path.exists():
+        return path.read_text().strip()
+    instance.mkdir(parents=True, exist_ok=True)
+    value = prefix + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+    return value
+
+
+def _dev_webhook_secret(instance: Path) -> str:
+    import base64
+
+    path = instance / "webhook_secret"
+    if path.exists():
+        return path.read_text().strip()
+    instance.mkdir(parents=True, exist_ok=True)
+    value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed configuration shared by the web app, the worker and the CLI."""
+
+    env: str
+    instance_path: Path
+    database_url: str
+    public_url: str
+    api_tokens: tuple[str, ...]
+    callback_secret: str
+    callback_secret_previous: str | None
+    webhook_secret: str
+    modelslab_api_key: str
+    modelslab_base_url: str
+    storage_url: str
+    s3_endpoint_url: str | None
+    media_public_base_url: str | None
+    allow_private_targets: bool
+    retry_schedule: tuple[float, ...]
+    delivery_timeout: float
+    disable_after: float
+    callback_grace: float
+    job_timeout: float
+    media_url_ttl: float
+    upstream_timeout: float
+    max_upload_bytes: int
+    max_output_bytes: int
+    download_deadline: float
+    download_timeout: float
+    delivery_threads: int
+    task_threads: int
+    task_lease: float
+    delivery_lease: float
+    shutdown_grace: float
+    ratelimit: str
+    ratelimit_storage_url: str
+    log_level: str
+    generated_tokens: bool = field(default=False)
+
+    @property
+    def production(self) -> bool:
+        return self.env == PRODUCTION
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any], instance_path: Path) -> Settings:
+        """Build settings from a flat mapping of ``DEFAULTS`` keys, validating production."""
+        env = str(config.get("ENV") or "development").lower()
+        production = env == PRODUCTION
+        if production:
+            missing = [
+                f"MOTIONHOOK_{name}"
+                for name in ("CALLBACK_SECRET", "API_TOKENS", "DATABASE_URL")
+                if not config.get(name)
+            ]
+            if missing:
+                raise ConfigError(
+                    "production refuses to start without " + ", ".join(missing)
+                )
+            if str(config["DATABASE_URL"]).startswith("sqlite") and not _as_bool(
+                config.get("ALLOW_SQLITE_IN_PRODUCTION", False)
+            ):
+                raise ConfigError(
+                    "production refuses SQLite as MOTIONHOOK_DATABASE_URL; use PostgreSQL "
+                    "or set MOTIONHOOK_ALLOW_SQLITE_IN_PRODUCTION=1"
+                )
+        database_url = config.get("DATABASE_URL") or f"sqlite:///{instance_path / 'motionhook.db'}"
+        tokens = _as_list(config.get("API_TOKENS"))
+        generated = False
+        if not tokens:
+            tokens = (_instance_secret(instance_path, "api_token", "mh_"),)
+            generated = True
+        allow_private = config.get("ALLOW_PRIVATE_TARGETS")
+        schedule = parse_retry_schedule(config.get("RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE))
+        return cls(
+            env=env,
+            instance_path=instance_path,
+            database_url=str(database_url),
+            public_url=str(config["PUBLIC_URL"]).rstrip("/"),
+            api_tokens=tokens,
+            generated_tokens=generated,
+            callback_secret=str(
+                config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
+            ),
+            callback_secret_previous=config.get("CALLBACK_SECRET_PREVIOUS") or None,
+            webhook_secret=str(
+                config.get("WEBHOOK_SECRET") or _dev_webhook_secret(instance_path)
+            ),
+            modelslab_api_key=str(config.get("MODELSLAB_API_KEY") or "simulator"),
+            modelslab_base_url=str(config["MODELSLAB_BASE_URL"]).rstrip("/"),
+            storage_url=str(config.get("STORAGE_URL") or f"file://{instance_path / 'media'}"),
+            s3_endpoint_url=config.get("S3_ENDPOINT_URL") or None,
+            media_public_base_url=config.get("MEDIA_PUBLIC_BASE_URL") or None,
+            allow_private_targets=(
+                not production if allow_private is None else _as_bool(allow_private)
+            ),
+            retry_schedule=schedule,
+            delivery_timeout=_as_seconds("DELIVERY_TIMEOUT", config["DELIVERY_TIMEOUT"]),
+            disable_after=_as_seconds("DISABLE_AFTER", config["DISABLE_AFTER"]),
+            callback_grace=_as_seconds("CALLBACK_GRACE", config["CALLBACK_GRACE"]),
+            job_timeout=_as_seconds("JOB_TIMEOUT", config["JOB_TIMEOUT"]),
+            media_url_ttl=_as_seconds("MEDIA_URL_TTL", config["MEDIA_URL_TTL"]),
+            upstream_timeout=_as_seconds("UPSTREAM_TIMEOUT", config["UPSTREAM_TIMEOUT"]),
+            max_upload_bytes=int(config["MAX_UPLOAD_BYTES"]),
+            max_output_bytes=int(config["MAX_OUTPUT_BYTES"]),
+            download_deadline=_as_seconds("DOWNLOAD_DEADLINE", config["DOWNLOAD_DEADLINE"]),
+            download_timeout=_as_seconds("DOWNLOAD_TIMEOUT", config["DOWNLOAD_TIMEOUT"]),
+            delivery_threads=int(config["DELIVERY_THREADS"]),
+            task_threads=int(config["TASK_THREADS"]),
+            task_lease=_as_seconds("TASK_LEASE", config["TASK_LEASE"]),
+            delivery_lease=_as_seconds(
+                "DELIVERY_LEASE",
+                config.get("DELIVERY_LEASE")
+                or 2 * _as_seconds("DELIVERY_TIMEOUT", config["DELIVERY_TIMEOUT"]) + 10,
+            ),
+            shutdown_grace=_as_seconds("SHUTDOWN_GRACE", config["SHUTDOWN_GRACE"]),
+            ratelimit=str(config["RATELIMIT"]),
+            ratelimit_storage_url=str(config["RATELIMIT_STORAGE_URL"]),
+            log_level=str(config["LOG_LEVEL"]).upper(),
+        )

@@ -1,0 +1,171 @@
+"""Start web, worker and the simulator as real processes on loopback.
+
+Used by ``motionhook dev`` (``make run``), ``motionhook demo``, the end-to-end
+tests and the benchmarks, so they all exercise the processes users deploy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+SAMPLE_IMAGE = Path(__file__).resolve().parent / "static" / "sample.png"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.05,
+               message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {message}")
+        time.sleep(interval)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.popen.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Stack:
+    """A set of motionhook processes sharing one instance folder and one database."""
+
+    instance: Path
+    env: dict[str, str] = field(default_factory=dict)
+    web_port: int = field(default_factory=free_port)
+    sim_port: int = field(default_factory=free_port)
+    processes: list[Process] = field(default_factory=list)
+    token: str = "test-token"
+    simulator: bool = True
+
+    def __post_init__(self) -> None:
+        self.instance.mkdir(parents=True, exist_ok=True)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("MOTIONHOOK_")}
+        base.update(
+            {
+                "MOTIONHOOK_INSTANCE_PATH": str(self.instance),
+                "MOTIONHOOK_PUBLIC_URL": self.web_url,
+                "MOTIONHOOK_API_TOKENS": self.token,
+                "MOTIONHOOK_ALLOW_PRIVATE_TARGETS": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.simulator:
+            base["MOTIONHOOK_MODELSLAB_BASE_URL"] = f"{self.sim_url}/api/v6"
+        base.update(self.env)
+        self.env = base
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def sim_url(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    def spawn(self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> Process:
+        log_path = self.instance / f"{name}-{len(self.processes)}.log"
+        handle: IO[bytes] = log_path.open("wb")
+        popen = subprocess.Popen(
+            argv, env={**self.env, **(extra_env or {})}, stdout=handle,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT),
+        )
+        handle.close()
+        process = Process(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def migrate(self) -> None:
+        subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=self.env,
+                       check=True, capture_output=True, cwd=str(ROOT))
+
+    def start_web(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        argv = [sys.executable, "-m", "gunicorn", "service:create_app()",
+                "-b", f"127.0.0.1:{self.web_port}"]
+        if GUNICORN_CONF.exists():
+            argv += ["-c", str(GUNICORN_CONF)]
+        process = self.spawn("web", argv, extra_env)
+        self._wait_ready(process, f"{self.web_url}/readyz")
+        return process
+
+    def start_worker(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        return self.spawn("worker", [sys.executable, "-m", "service.cli", "worker"], extra_env)
+
+    def start_simulator(self, *flags: str) -> Process:
+        argv = [sys.executable, "-m", "service.cli", "simulate", "--port", str(self.sim_port),
+                *flags]
+        process = self.spawn("simulator", argv)
+        self._wait_ready(process, f"{self.sim_url}/_sim/knobs")
+        return process
+
+    def _wait_ready(self, process: Process, url: str, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if process.popen.poll() is not None:
+                raise RuntimeError(f"{process.name} exited early:\n{process.log()[-4000:]}")
+            return _answers(url)
+
+        wait_until(ready, timeout=timeout, message=f"{process.name} at {url}")
+
+    def start_all(self, *simulator_flags: str) -> None:
+        self.migrate()
+        if self.simulator:
+            self.start_simulator(*simulator_flags)
+        self.start_web()
+        self.start_worker()
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def api(self) -> requests.Session:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {self.token}"
+        return session

@@ -1,0 +1,87 @@
+"""Events and their fan-out: one event row, one delivery per interested target.
+
+Everything here runs inside the caller's transaction, so the state change, its
+event and the deliveries it causes commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.models import Delivery, Event, Subscription, new_id, utcnow
+
+if TYPE_CHECKING:
+    from service.models import Job
+
+WEBHOOK = "webhook"
+
+
+def envelope(event: Event) -> dict[str, Any]:
+    """Return the public event envelope (DESIGN §3 Events)."""
+    return event.payload
+
+
+def new_event(session: Session, event_type: str, data: dict[str, Any], job_id: str | None) -> Event:
+    now = utcnow()
+    event_id = new_id("evt")
+    payload = {
+        "id": event_id,
+        "type": event_type,
+        "created_at": now.isoformat().replace("+00:00", "Z"),
+        "data": data,
+    }
+    event = Event(id=event_id, type=event_type, job_id=job_id, created_at=now, payload=payload)
+    session.add(event)
+    return event
+
+
+def add_delivery(
+    session: Session,
+    event: Event,
+    *,
+    kind: str,
+    subscription_id: str | None,
+    target_url: str | None,
+    job_id: str | None,
+) -> Delivery:
+    now = utcnow()
+    delivery = Delivery(
+        id=new_id("dlv"),
+        event_id=event.id,
+        subscription_id=subscription_id,
+        job_id=job_id,
+        kind=kind,
+        target_url=target_url,
+        status="pending",
+        attempt_count=0,
+        due_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(delivery)
+    return delivery
+
+
+def matching_subscriptions(session: Session, event_type: str) -> list[Subscription]:
+    """Enabled subscriptions whose event filter admits ``event_type``."""
+    enabled = session.scalars(select(Subscription).where(Subscription.enabled.is_(True)))
+    return [sub for sub in enabled if not sub.events or event_type in sub.events]
+
+
+def emit_job_event(
+    session: Session, db: Database, event_type: str, job: Job, data: dict[str, Any]
+) -> Event:
+    """Record a job event and one delivery per matching subscription and per-job webhook."""
+    event = new_event(session, event_type, data, job.id)
+    for sub in matching_subscriptions(session, event_type):
+        add_delivery(session, event, kind=sub.kind, subscription_id=sub.id, target_url=None,
+                     job_id=job.id)
+    if job.webhook_url and (not job.webhook_events or event_type in job.webhook_events):
+        add_delivery(session, event, kind=WEBHOOK, subscription_id=None,
+                     target_url=job.webhook_url, job_id=job.id)
+    db.notify(session)
+    return event

@@ -1,0 +1,115 @@
+"""The work queue: tasks and deliveries live in the database and are claimed with leases.
+
+A claim moves a row's ``due_at`` forward by the lease length and stamps the
+owner, all in one short transaction. Finishing deletes the task (or settles the
+delivery); a worker that dies simply lets the lease run out, after which the
+row is due again for any worker. PostgreSQL claims with ``FOR UPDATE SKIP
+LOCKED`` so many workers never take the same row; SQLite has one writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.models import Delivery, Task, utcnow
+
+PENDING = "pending"
+
+
+def enqueue_task(session: Session, db: Database, kind: str, job_id: str, due_at: datetime) -> None:
+    """Schedule ``kind`` work for a job (one per job and kind) and wake the workers."""
+    existing = session.scalars(select(Task).where(Task.job_id == job_id, Task.kind == kind)).first()
+    if existing is None:
+        session.add(Task(kind=kind, job_id=job_id, due_at=due_at, attempts=0))
+    else:
+        existing.due_at = due_at
+        existing.lease_owner = None
+    if due_at <= utcnow() + timedelta(seconds=1):
+        db.notify(session)
+
+
+def cancel_tasks(session: Session, job_id: str, *, keep: Iterable[str]) -> None:
+    """Delete a job's pending tasks except the kinds in ``keep``."""
+    query = delete(Task).where(Task.job_id == job_id)
+    kept = tuple(keep)
+    if kept:
+        query = query.where(Task.kind.not_in(kept))
+    session.execute(query)
+
+
+def claim_tasks(
+    session: Session, db: Database, *, owner: str, lease: float, limit: int, now: datetime
+) -> list[Task]:
+    """Lease up to ``limit`` due tasks to ``owner``."""
+    query = select(Task).where(Task.due_at <= now).order_by(Task.due_at).limit(limit)
+    if not db.is_sqlite:
+        query = query.with_for_update(skip_locked=True)
+    tasks = list(session.scalars(query))
+    for task in tasks:
+        task.due_at = now + timedelta(seconds=lease)
+        task.lease_owner = owner
+        task.attempts += 1
+    return tasks
+
+
+def claim_deliveries(
+    session: Session, db: Database, *, owner: str, lease: float, limit: int, now: datetime
+) -> list[Delivery]:
+    """Lease up to ``limit`` due pending deliveries to ``owner``."""
+    query = (
+        select(Delivery)
+        .where(Delivery.status == PENDING, Delivery.due_at <= now)
+        .order_by(Delivery.due_at)
+        .limit(limit)
+    )
+    if not db.is_sqlite:
+        query = query.with_for_update(skip_locked=True)
+    deliveries = list(session.scalars(query))
+    for delivery in deliveries:
+        delivery.due_at = now + timedelta(seconds=lease)
+        delivery.lease_owner = owner
+    return deliveries
+
+
+def release_claims(session: Session, owner: str, task_ids: Iterable[int], delivery_ids: Iterable[str]) -> None:
+    """Hand back leases this worker holds but will not finish (graceful shutdown)."""
+    now = utcnow()
+    ids = list(task_ids)
+    if ids:
+        session.execute(
+            update(Task)
+            .where(Task.id.in_(ids), Task.lease_owner == owner)
+            .values(due_at=now, lease_owner=None)
+        )
+    dids = list(delivery_ids)
+    if dids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(dids), Delivery.lease_owner == owner, Delivery.status == PENDING)
+            .values(due_at=now, lease_owner=None)
+        )
+
+
+def next_due(session: Session) -> datetime | None:
+    """Return when the earliest task or pending delivery comes due."""
+    task_due = session.scalar(select(func.min(Task.due_at)))
+    delivery_due = session.scalar(
+        select(func.min(Delivery.due_at)).where(Delivery.status == PENDING)
+    )
+    candidates = [d for d in (task_due, delivery_due) if d is not None]
+    if not candidates:
+        return None
+    earliest = min(candidates)
+    # func.min bypasses the column type on SQLite and returns naive or text values.
+    if isinstance(earliest, str):
+        earliest = datetime.fromisoformat(earliest)
+    if earliest.tzinfo is None:
+        from datetime import UTC
+
+        earliest = earliest.replace(tzinfo=UTC)
+    return earliest

@@ -1,0 +1,25 @@
+"""A faithful local stand-in for ModelsLab's image-to-video API (DESIGN.md §1, §6).
+
+Same paths, validation and answer shapes as ModelsLab, integer ids, ``processing``
+answers with ``eta``/``fetch_result``/``future_links``, a real MP4 or GIF rendered
+from the init image, and a callback to ``webhook`` -- plus fault knobs (delays,
+duplicate or dropped callbacks, errors, rate limits) settable at runtime through
+``/_sim/knobs``.
+"""
+
+from .app import create_simulator_app, get_simulator
+from .cli import simulate_command
+from .engine import Reply, Simulator
+from .knobs import SimulatorKnobs
+from .render import RenderError, render_video
+
+__all__ = [
+    "RenderError",
+    "Reply",
+    "Simulator",
+    "SimulatorKnobs",
+    "create_simulator_app",
+    "get_simulator",
+    "render_video",
+    "simulate_command",
+]

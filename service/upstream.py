@@ -1,0 +1,131 @@
+"""The one place motionhook talks to ModelsLab (submit and fetch).
+
+Every answer becomes an :class:`UpstreamAnswer`: a parsed result, a permanent
+rejection (400/401/402 or ``status: error``: the job fails, no retry) or a
+transient problem (429, 5xx, timeouts: the job stays queued and is retried).
+The API key is sent upstream and nowhere else: it is scrubbed from any message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from marshmallow import ValidationError
+
+from schemas.upstream import FAILED, UPSTREAM_RESPONSE, UpstreamResult
+
+RESULT, REJECTED, RETRY = "result", "rejected", "retry"
+PERMANENT_HTTP = frozenset({400, 401, 402, 403, 404, 405, 413, 422})
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    kind: str
+    result: UpstreamResult | None = None
+    message: str = ""
+    retry_after: float | None = None
+    http_status: int | None = None
+    raw: bytes = b""
+    latency: float = 0.0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Read a ``Retry-After`` header given as seconds or as an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class UpstreamClient:
+    """ModelsLab's img2video and fetch endpoints over one pooled session."""
+
+    def __init__(
+        self, base_url: str, api_key: str, *, timeout: float, session: requests.Session
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.session = session
+
+    def submit(self, params: dict[str, Any]) -> UpstreamAnswer:
+        """POST an img2video request; ``params`` must not contain the key."""
+        return self._post("/video/img2video", {"key": self.api_key, **params})
+
+    def fetch(self, upstream_id: str) -> UpstreamAnswer:
+        """POST to the fetch endpoint for a job ModelsLab knows as ``upstream_id``."""
+        return self._post(f"/video/fetch/{upstream_id}", {"key": self.api_key})
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self.api_key, "[redacted]") if self.api_key else text
+
+    def _post(self, path: str, body: dict[str, Any]) -> UpstreamAnswer:
+        started = time.perf_counter()
+        try:
+            response = self.session.post(
+                self.base_url + path, json=body, timeout=self.timeout, allow_redirects=False
+            )
+        except requests.Timeout:
+            return UpstreamAnswer(RETRY, message="ModelsLab did not answer in time",
+                                  latency=time.perf_counter() - started)
+        except requests.RequestException as exc:
+            return UpstreamAnswer(
+                RETRY,
+                message=self._scrub(f"could not reach ModelsLab: {type(exc).__name__}"),
+                latency=time.perf_counter() - started,
+            )
+        latency = time.perf_counter() - started
+        raw = response.content
+        status = response.status_code
+        payload: Any = None
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = None
+        message = ""
+        if isinstance(payload, dict):
+            message = str(payload.get("message") or payload.get("messege") or "")
+        message = self._scrub(message)[:1000]
+
+        def answer(kind: str, **extra: Any) -> UpstreamAnswer:
+            return UpstreamAnswer(kind, http_status=status, raw=raw, latency=latency, **extra)
+
+        if status == 429:
+            body_retry = payload.get("retry_after") if isinstance(payload, dict) else None
+            retry_after = (
+                float(body_retry)
+                if isinstance(body_retry, int | float)
+                else retry_after_seconds(response.headers.get("Retry-After"))
+            )
+            return answer(RETRY, message=message or "rate limited by ModelsLab",
+                          retry_after=retry_after)
+        if status >= 500 or status == 408:
+            return answer(RETRY, message=f"ModelsLab answered HTTP {status}")
+        if 300 <= status < 400:
+            return answer(RETRY, message=f"ModelsLab answered a redirect (HTTP {status})")
+        if status in PERMANENT_HTTP or 400 <= status < 500:
+            return answer(REJECTED, message=message or f"ModelsLab refused the request (HTTP {status})")
+        if not isinstance(payload, dict):
+            return answer(RETRY, message="ModelsLab answered with a body that is not JSON")
+        try:
+            result: UpstreamResult = UPSTREAM_RESPONSE.load(payload)
+        except ValidationError:
+            return answer(RETRY, message="ModelsLab answered without a status")
+        if result.status == FAILED:
+            return answer(REJECTED, result=result,
+                          message=self._scrub(result.message or "ModelsLab reported an error"))
+        return answer(RESULT, result=result)
