@@ -56,7 +56,9 @@ class Sink:
                 """Keep test output clean."""
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -236,7 +238,7 @@ def test_session_closes_the_dns_rebinding_window(
         ("http://10.1.2.3/hook", "private"),
         ("https://10.1.2.3/hook", "private"),
         ("http://100.64.0.1/hook", "shared"),
-        ("http://192.0.0.8/hook", "private"),
+        ("http://192.0.0.8/hook", "reserved"),
     ],
 )
 def test_session_refuses_private_targets_before_connecting(url: str, reason: str) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response
 from flask_smorest import Api as SmorestApi
-from flask_smorest import abort
 from werkzeug.exceptions import HTTPException
 
+from schemas.jobs import JobCreateSchema
 from service.extension import services
 
 API_SETTINGS = {
@@ -54,31 +53,20 @@ class Api(SmorestApi):
 
     def handle_http_exception(self, error: HTTPException) -> Any:
         data = getattr(error, "data", None)
-        if data and "messages" in data and not data.get("message"):
-            data["message"] = "; ".join(_flatten(data["messages"])) or error.description
-        if error.code == 413 and not (data and data.get("message")):
-            limit = services().settings.max_upload_bytes
-            error.data = {
-                "message": f"request body too large: uploads (field image) may be at most "
-                f"{limit} bytes"
-            }
+        if data is None:
+            data = error.data = {}  # type: ignore[attr-defined]
+        if not data.get("message"):
+            details = data.get("messages") or data.get("errors")
+            if details:
+                data["message"] = "; ".join(_flatten(details))
+            elif error.code == 413:
+                limit = services().settings.max_upload_bytes
+                data["message"] = (
+                    f"request body too large: uploads (field image) may be at most {limit} bytes"
+                )
+            else:
+                data["message"] = error.description or error.name
         return super().handle_http_exception(error)
-
-
-def require_token() -> None:
-    """Reject the request unless it carries one of the configured bearer tokens."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    valid = False
-    if scheme.lower() == "bearer" and token:
-        for candidate in services().settings.api_tokens:
-            valid |= hmac.compare_digest(candidate.encode(), token.strip().encode())
-    if not valid:
-        abort(401, message="missing or invalid bearer token (Authorization: Bearer <token>)")
-
-
-def current_token() -> str:
-    return request.headers.get("Authorization", "").partition(" ")[2].strip()
 
 
 def add_security_headers(response: Response) -> Response:
@@ -96,9 +84,8 @@ def register_api(app: Flask) -> Api:
     for key, value in API_SETTINGS.items():
         app.config.setdefault(key, value)
     api = Api(app)
-    for blueprint in (jobs.blp,):
-        blueprint.before_request(require_token)
-        api.register_blueprint(blueprint)
+    api.spec.components.schema("JobCreate", schema=JobCreateSchema)
+    api.register_blueprint(jobs.blp)
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     app.register_blueprint(media_bp)

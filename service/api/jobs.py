@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from schemas.jobs import JobCreateSchema, JobListArgs, JobPageSchema, JobSchema
-from service.api import current_token
+from service.api.auth import current_token, require_token
 from service.extension import services
 from service.jobs import (
     create_job,
@@ -26,6 +26,7 @@ from service.models import Job, new_id
 from service.outbound import TargetRefused, validate_target_url
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Image-to-video jobs")
+blp.before_request(require_token)
 
 JOB_CREATE = JobCreateSchema()
 JSON_FIELDS_IN_FORMS = ("metadata", "webhook_events")

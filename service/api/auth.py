@@ -1,0 +1,26 @@
+"""Bearer-token authentication for the client API."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import request
+from flask_smorest import abort
+
+from service.extension import services
+
+
+def require_token() -> None:
+    """Reject the request unless it carries one of the configured bearer tokens."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    valid = False
+    if scheme.lower() == "bearer" and token:
+        for candidate in services().settings.api_tokens:
+            valid |= hmac.compare_digest(candidate.encode(), token.strip().encode())
+    if not valid:
+        abort(401, message="missing or invalid bearer token (Authorization: Bearer <token>)")
+
+
+def current_token() -> str:
+    return request.headers.get("Authorization", "").partition(" ")[2].strip()
