@@ -117,6 +117,46 @@ def demo(timeout: float) -> None:
         raise SystemExit(1)
 
 
+def _duration(_ctx: object, _param: object, value: str) -> object:
+    from service.prune import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, callback=_duration,
+              help="Age cutoff such as 30d, 12h or 90m.")
+@click.option("--media", is_flag=True, help="Also delete stored outputs and uploads of old jobs.")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
+def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> None:
+    """Delete old raw callbacks, delivery response bodies and (with --media) stored media."""
+    from datetime import timedelta
+
+    from service.prune import prune as run_prune
+
+    assert isinstance(older_than, timedelta)
+    _app, services = load_services()
+    report = run_prune(services.db, services.storage, older_than=older_than,
+                       include_media=media, batch_size=batch_size, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} (before {report.as_dict()['cutoff']}): "
+        f"{report.callbacks_deleted} raw callbacks, "
+        f"{report.attempt_bodies_cleared} delivery response bodies"
+        + (f", {report.media_objects_deleted} media objects of {report.media_jobs_pruned} jobs"
+           if media else "")
+    )
+    if report.media_failures:
+        raise click.ClickException(
+            f"{report.media_failures} jobs kept their media: storage refused the delete "
+            "(see the log); run again later"
+        )
+
+
 def _register_optional() -> None:
     from service.simulator import simulate_command
 

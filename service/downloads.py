@@ -8,9 +8,12 @@ an HTML error page served with status 200 is an error, not a video.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import socket
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -157,45 +160,84 @@ def download_output(
         if expected is not None and expected > max_bytes:
             raise DownloadError(f"output is larger than {max_bytes} bytes", retryable=False)
 
-        digest = hashlib.sha256()
-        size = 0
-        head = b""
-        content_type: str | None = None
+        watchdog = _Watchdog(response, deadline - time.monotonic())
         try:
-            for chunk in response.iter_content(CHUNK_SIZE):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise DownloadError(f"output is larger than {max_bytes} bytes", retryable=False)
-                if time.monotonic() > deadline:
-                    raise DownloadError(
-                        f"output download took longer than {timeout:g} s", retryable=True
-                    )
-                if content_type is None and len(head) < SNIFF_BYTES:
-                    head += chunk[: SNIFF_BYTES - len(head)]
-                    if len(head) >= SNIFF_BYTES:
-                        content_type = _sniff_or_fail(head, response)
-                digest.update(chunk)
-                spool.write(chunk)
+            size, sha256, content_type = _copy_body(response, spool, max_bytes)
         except requests.RequestException as exc:
-            raise DownloadError(
-                f"connection lost after {size} bytes of the output", retryable=True
-            ) from exc
+            if watchdog.fired.is_set():
+                raise watchdog.error(timeout) from exc
+            problem = "stalled" if "timed out" in str(exc) else "connection lost"
+            raise DownloadError(f"{problem} while downloading the output", retryable=True) from exc
+        finally:
+            watchdog.cancel()
+        if watchdog.fired.is_set():
+            # A body without Content-Length just looks complete when we cut it off.
+            raise watchdog.error(timeout)
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if expected is not None and encoding == "identity" and size != expected:
             raise DownloadError(f"output ended after {size} of {expected} bytes", retryable=True)
-        if content_type is None:
-            content_type = _sniff_or_fail(head, response)
 
         final_key = key(content_type) if callable(key) else key
         spool.seek(0)
         storage.put(final_key, spool, content_type=content_type)
     return DownloadedOutput(
-        key=final_key,
-        source_url=url,
-        content_type=content_type,
-        size=size,
-        sha256=digest.hexdigest(),
+        key=final_key, source_url=url, content_type=content_type, size=size, sha256=sha256
     )
+
+
+class _Watchdog:
+    """Cut a download off at its deadline, even when bytes keep trickling in.
+
+    Socket timeouts only bound each read; a server sending a byte every few
+    seconds would otherwise hold the worker (and its lease) for ever. Shutting
+    the socket down wakes the blocked read at once.
+    """
+
+    def __init__(self, response: requests.Response, seconds: float) -> None:
+        self.response = response
+        self.fired = threading.Event()
+        self.timer = threading.Timer(max(seconds, 0.0), self._abort)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _abort(self) -> None:
+        self.fired.set()
+        connection = getattr(self.response.raw, "connection", None)
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+
+    @staticmethod
+    def error(timeout: float) -> DownloadError:
+        return DownloadError(f"output download took longer than {timeout:g} s", retryable=True)
+
+
+def _copy_body(
+    response: requests.Response, spool: BinaryIO, max_bytes: int
+) -> tuple[int, str, str]:
+    """Stream the body into ``spool``; return its size, sha256 and sniffed content type."""
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    content_type: str | None = None
+    for chunk in response.iter_content(CHUNK_SIZE):
+        size += len(chunk)
+        if size > max_bytes:
+            raise DownloadError(f"output is larger than {max_bytes} bytes", retryable=False)
+        if content_type is None:
+            head += chunk[: SNIFF_BYTES - len(head)]
+            if len(head) >= SNIFF_BYTES:
+                # Decide early: an HTML error page is refused without reading all of it.
+                content_type = _sniff_or_fail(head, response)
+        digest.update(chunk)
+        spool.write(chunk)
+    if content_type is None:
+        content_type = _sniff_or_fail(head, response)
+    return size, digest.hexdigest(), content_type
 
 
 def _sniff_or_fail(head: bytes, response: requests.Response) -> str:

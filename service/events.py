@@ -51,7 +51,7 @@ def add_delivery(
     now = utcnow()
     delivery = Delivery(
         id=new_id("dlv"),
-        event_id=event.id,
+        event=event,
         subscription_id=subscription_id,
         job_id=job_id,
         kind=kind,

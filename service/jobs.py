@@ -139,8 +139,9 @@ def job_resource(job: Job, media_url: MediaUrl) -> dict[str, Any]:
     }
 
 
-def encode_cursor(job: Job) -> str:
-    raw = f"{isoformat(job.created_at)}|{job.id}".encode()
+def encode_cursor_parts(created_at: datetime, row_id: str) -> str:
+    """Encode a keyset cursor (creation time and id of the last row of a page)."""
+    raw = f"{isoformat(created_at)}|{row_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -167,7 +168,7 @@ def list_jobs(
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
         )
     jobs = list(session.scalars(query))
-    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    next_cursor = encode_cursor_parts(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 

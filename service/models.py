@@ -26,7 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 NAMING = {
@@ -167,6 +167,9 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+
+    # Declared so the unit of work inserts the event before its deliveries.
+    event: Mapped[Event] = relationship()
 
     __table_args__ = (UniqueConstraint("event_id", "subscription_id", name="uq_delivery_target"),)
 

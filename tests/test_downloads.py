@@ -61,7 +61,8 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
     # "full": send Content-Length and body; "close": no length, end by closing;
     # "reset": promise 100000 bytes, send the body, then reset the connection;
-    # "stall": promise more, send the body, then wait until the test ends.
+    # "stall": promise more, send the body, then wait until the test ends;
+    # "drip": promise more, send the body, then a byte every 20 ms until cut off.
     mode: str = "full"
 
 
@@ -92,7 +93,7 @@ def origin_server() -> Iterator[OriginServer]:
                 self.send_header(name, value)
             if route.mode == "full":
                 self.send_header("Content-Length", str(len(route.body)))
-            elif route.mode in ("reset", "stall"):
+            elif route.mode in ("reset", "stall", "drip"):
                 self.send_header("Content-Length", "100000")
             self.end_headers()
             self.wfile.write(route.body)
@@ -104,6 +105,12 @@ def origin_server() -> Iterator[OriginServer]:
                 self.connection.close()
             elif route.mode == "stall":
                 release.wait(timeout=30)
+            elif route.mode == "drip":
+                try:
+                    while not release.wait(timeout=0.02):
+                        self.wfile.write(b"\x00")
+                except OSError:
+                    pass  # the client hung up, as the test wants
             self.close_connection = True
 
         def log_message(self, format: str, *args: object) -> None:
@@ -345,7 +352,7 @@ def test_connection_reset_mid_body_is_retryable(
     error = _fail(fetch, "/v")
 
     assert error.retryable
-    assert "connection lost" in error.reason or "ended after" in error.reason
+    assert error.reason == "connection lost while downloading the output"
     assert _stored_files(storage) == []
     assert list(spool_dir.iterdir()) == []
 
@@ -358,6 +365,19 @@ def test_stalled_body_times_out_and_is_retryable(
     error = _fail(fetch, "/v", timeout=0.3)
 
     assert error.retryable
+    assert error.reason == "stalled while downloading the output"
+    assert _stored_files(storage) == []
+
+
+def test_trickling_body_is_cut_off_at_the_deadline(
+    origin: OriginServer, fetch: Fetch, storage: LocalStorage, mp4_bytes: bytes
+) -> None:
+    origin.routes["/v"] = Route(body=mp4_bytes[:1000], mode="drip")
+
+    error = _fail(fetch, "/v", timeout=0.4)
+
+    assert error.retryable
+    assert error.reason == "output download took longer than 0.4 s"
     assert _stored_files(storage) == []
 
 

@@ -13,8 +13,16 @@ import pytest
 import standardwebhooks
 import svix.webhooks
 
-from service.notifiers import ELLIPSIS, Message, fit, render_message, text_length
-from service.notifiers import discord, slack, webhook
+from service.notifiers import (
+    ELLIPSIS,
+    Message,
+    discord,
+    fit,
+    render_message,
+    slack,
+    text_length,
+    webhook,
+)
 from service.notifiers.webhook import generate_secret
 
 LONG_EMOJI_PROMPT = ("A red fox 🦊 jumps & <runs> past 👨‍👩‍👧 at dusk 🇫🇷 " * 300)[:10_000]
@@ -58,7 +66,9 @@ def failed_job(**changes: Any) -> dict[str, Any]:
     )
 
 
-def envelope(event_type: str = "job.completed", data: dict[str, Any] | None = None) -> dict[str, Any]:
+def envelope(
+    event_type: str = "job.completed", data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "id": "evt_2b7q",
         "type": event_type,
@@ -348,7 +358,9 @@ def test_discord_failed_job_shows_the_error() -> None:
 
 
 def test_discord_escapes_markdown_in_prompts() -> None:
-    payload = discord.render(envelope(data=with_prompt("[free nitro](https://evil.example) **now**")))
+    payload = discord.render(
+        envelope(data=with_prompt("[free nitro](https://evil.example) **now**"))
+    )
 
     description = payload["embeds"][0]["description"]
     assert description == "\\[free nitro\\]\\(https://evil.example\\) \\*\\*now\\*\\*"

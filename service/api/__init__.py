@@ -78,7 +78,7 @@ def add_security_headers(response: Response) -> Response:
 
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
-    from service.api import callbacks, health, jobs
+    from service.api import callbacks, deliveries, health, jobs, subscriptions
     from service.media import media_bp
 
     for key, value in API_SETTINGS.items():
@@ -86,6 +86,8 @@ def register_api(app: Flask) -> Api:
     api = Api(app)
     api.spec.components.schema("JobCreate", schema=JobCreateSchema)
     api.register_blueprint(jobs.blp)
+    api.register_blueprint(subscriptions.blp)
+    api.register_blueprint(deliveries.blp)
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     app.register_blueprint(media_bp)

@@ -58,6 +58,7 @@ def _extends_grapheme(char: str) -> bool:
 
 
 def _is_regional_indicator(char: str) -> bool:
+    """Tell whether ``char`` is half of a flag emoji."""
     return 0x1F1E6 <= ord(char) <= 0x1F1FF
 
 

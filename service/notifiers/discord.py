@@ -50,6 +50,7 @@ def escape_char(char: str) -> str:
 
 
 def _field(name: str, value: str, *, inline: bool) -> dict[str, Any]:
+    """Return an embed field with the name and escaped value cut to Discord's limits."""
     return {
         "name": fit(name, FIELD_NAME_LIMIT),
         "value": fit(value, FIELD_VALUE_LIMIT, escape=escape_char) or "\u200b",

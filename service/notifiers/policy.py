@@ -128,6 +128,7 @@ def next_attempt_delay(
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    """Return ``headers`` with lower-case names."""
     return {key.lower(): value for key, value in headers.items()}
 
 
@@ -159,6 +160,7 @@ def _parse_retry_after(value: str, now: datetime) -> float | None:
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
+    """Return ``body`` parsed as a JSON object, or None."""
     try:
         value = json.loads(body)
     except ValueError:
@@ -169,6 +171,7 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
 def _retry_after(
     kind: str, status: int, headers: Mapping[str, str], body: bytes, now: datetime
 ) -> float | None:
+    """Return the seconds a retryable answer asks us to wait, capped at MAX_RETRY_AFTER."""
     seconds = None
     if "retry-after" in headers:
         seconds = _parse_retry_after(headers["retry-after"], now)
@@ -207,6 +210,7 @@ def _redact(url: str) -> str:
 
 
 def _status_phrase(status: int) -> str:
+    """Return ``HTTP 404 Not Found`` style text for ``status``."""
     try:
         return f"HTTP {status} {HTTPStatus(status).phrase}"
     except ValueError:

@@ -40,14 +40,17 @@ def escape(text: str) -> str:
 
 
 def _mrkdwn(text: str) -> dict[str, Any]:
+    """Return a mrkdwn text object for already escaped and fitted text."""
     return {"type": "mrkdwn", "text": text}
 
 
 def _plain(text: str, limit: int) -> dict[str, Any]:
+    """Return a plain_text object cut to ``limit``."""
     return {"type": "plain_text", "text": fit(text, limit), "emoji": True}
 
 
 def _ping(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the payload of a test.ping event."""
     message = text_field(data, "message", "Test notification from motionhook")
     text = f"motionhook test: {fit(message, 2000, escape=escape_char)}"
     blocks: list[dict[str, Any]] = [{"type": "section", "text": _mrkdwn(text)}]

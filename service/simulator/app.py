@@ -50,6 +50,11 @@ def _simulator() -> Simulator:
     return get_simulator(current_app)
 
 
+def _json_body() -> Any:
+    """The decoded JSON body, whatever the Content-Type says (None when it is not JSON)."""
+    return request.get_json(force=True, silent=True)
+
+
 def _base_url() -> str:
     return request.host_url.rstrip("/")
 
@@ -57,13 +62,13 @@ def _base_url() -> str:
 @modelslab.post("/api/v6/video/img2video")
 def submit() -> tuple[dict[str, Any], int]:
     """Queue (or, with knobs, answer at once) an image-to-video generation."""
-    return _simulator().submit(request.get_json(silent=True), base_url=_base_url())
+    return _simulator().submit(_json_body(), base_url=_base_url())
 
 
 @modelslab.post("/api/v6/video/fetch/<int:job_id>")
 def fetch(job_id: int) -> tuple[dict[str, Any], int]:
     """Report on a generation, like ModelsLab's fetch endpoint."""
-    return _simulator().fetch(job_id, request.get_json(silent=True))
+    return _simulator().fetch(job_id, _json_body())
 
 
 @modelslab.get("/outputs/<int:job_id>.<any(mp4, gif):output_type>")

@@ -51,6 +51,9 @@ _DEFAULTS = SimulatorKnobs()
     show_default=True,
     help="retry_after of 429 answers.",
 )
+@click.option(
+    "--max-queued", default=0, show_default=True, help="429 while N jobs process (0: off)."
+)
 @click.option("--server-error-next", default=0, show_default=True, help="Next N submits get 500.")
 @click.option(
     "--future-link-404s", default=0, show_default=True, help="First N GETs of each output 404."
@@ -80,6 +83,7 @@ def simulate_command(
     error_next: int,
     rate_limit_next: int,
     rate_limit_retry_after: int,
+    max_queued: int,
     server_error_next: int,
     future_link_404s: int,
     callback_before_response: bool,
@@ -100,6 +104,7 @@ def simulate_command(
                 "error_next": error_next,
                 "rate_limit_next": rate_limit_next,
                 "rate_limit_retry_after": rate_limit_retry_after,
+                "max_queued": max_queued,
                 "server_error_next": server_error_next,
                 "future_link_404s": future_link_404s,
                 "callback_before_response": callback_before_response,

@@ -361,6 +361,14 @@ class Simulator:
                 raise UpstreamError(
                     429, RATE_LIMIT_MESSAGE, retry_after=knobs.rate_limit_retry_after
                 )
+            if knobs.max_queued:
+                queued = sum(job.status == "processing" for job in self._jobs.values())
+                if queued >= knobs.max_queued:
+                    raise UpstreamError(
+                        429,
+                        f"Rate limit exceeded. Maximum {knobs.max_queued} queued requests allowed.",
+                        retry_after=knobs.rate_limit_retry_after,
+                    )
             if knobs.error_next:
                 knobs.error_next -= 1
                 raise UpstreamError(200, "Failed to queue the request (simulated upstream error)")
@@ -538,10 +546,6 @@ class Simulator:
             "status_code": status_code,
             "error": error,
         }
-        with self._lock:
-            self._stats.callbacks_sent += 1
-            self._stats.callbacks_failed += 0 if delivered else 1
-            self._stats.recent_callbacks.append(record)
         log = logger.info if delivered else logger.warning
         log(
             "simulator callback for job %s -> %s: %s",
@@ -550,6 +554,13 @@ class Simulator:
             status_code if status_code is not None else error,
             extra={"job_id": job.id, "track_id": job.track_id},
         )
+        with self._lock:
+            if job.cancelled.is_set():  # reset meanwhile: keep the fresh stats clean
+                return
+            self._stats.callbacks_sent += 1
+            if not delivered:
+                self._stats.callbacks_failed += 1
+            self._stats.recent_callbacks.append(record)
 
     # -- plumbing ------------------------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""Subscriptions (fan-out targets) and deliveries, as clients see them."""
+
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, fields, validate
+
+from schemas.jobs import EVENT_TYPES
+
+KINDS = ("slack", "discord", "webhook")
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+_event_type = fields.String(
+    validate=validate.OneOf(EVENT_TYPES, error="must be one of: " + ", ".join(EVENT_TYPES))
+)
+
+
+class SubscriptionCreateSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    kind = fields.String(
+        required=True,
+        validate=validate.OneOf(KINDS, error="must be one of: " + ", ".join(KINDS)),
+    )
+    url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False,
+                     validate=validate.Length(max=2000))
+    events = fields.List(_event_type, load_default=lambda: list(EVENT_TYPES),
+                         validate=validate.Length(min=1))
+    description = fields.String(load_default="", validate=validate.Length(max=500))
+    enabled = fields.Boolean(load_default=True)
+
+
+class SubscriptionUpdateSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    url = fields.Url(schemes={"http", "https"}, require_tld=False,
+                     validate=validate.Length(max=2000))
+    events = fields.List(_event_type, validate=validate.Length(min=1))
+    description = fields.String(validate=validate.Length(max=500))
+    enabled = fields.Boolean()
+
+
+class SubscriptionSchema(Schema):
+    id = fields.String()
+    kind = fields.String()
+    url = fields.String()
+    events = fields.List(fields.String())
+    description = fields.String()
+    enabled = fields.Boolean()
+    disabled_reason = fields.String(allow_none=True)
+    created_at = fields.String()
+    updated_at = fields.String()
+    secret = fields.String(metadata={"description": "Only on create and rotate-secret"})
+
+
+class SubscriptionListSchema(Schema):
+    items = fields.List(fields.Nested(SubscriptionSchema))
+
+
+class RecoverSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    since = fields.AwareDateTime(required=True, default_timezone=None)
+
+
+class RecoverResultSchema(Schema):
+    recovered = fields.Integer()
+
+
+class TestSentSchema(Schema):
+    event_id = fields.String()
+    delivery_id = fields.String()
+
+
+class AttemptSchema(Schema):
+    attempted_at = fields.String()
+    status_code = fields.Integer(allow_none=True)
+    latency_ms = fields.Float()
+    error = fields.String(allow_none=True)
+    response_excerpt = fields.String(allow_none=True)
+    outcome = fields.String()
+
+
+class DeliverySchema(Schema):
+    id = fields.String()
+    event_id = fields.String()
+    event_type = fields.String()
+    subscription_id = fields.String(allow_none=True)
+    job_id = fields.String(allow_none=True)
+    kind = fields.String()
+    status = fields.String()
+    attempt_count = fields.Integer()
+    next_attempt_at = fields.String(allow_none=True)
+    last_status_code = fields.Integer(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    created_at = fields.String()
+    updated_at = fields.String()
+    delivered_at = fields.String(allow_none=True)
+    attempts = fields.List(fields.Nested(AttemptSchema))
+
+
+class DeliveryListArgs(Schema):
+    class Meta:
+        unknown = RAISE
+
+    subscription_id = fields.String(validate=validate.Length(max=40))
+    job_id = fields.String(validate=validate.Length(max=40))
+    status = fields.String(
+        validate=validate.OneOf(
+            DELIVERY_STATUSES, error="must be one of: " + ", ".join(DELIVERY_STATUSES)
+        )
+    )
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+    cursor = fields.String(validate=validate.Length(max=200))
+
+
+class DeliveryPageSchema(Schema):
+    items = fields.List(fields.Nested(DeliverySchema))
+    next_cursor = fields.String(allow_none=True)

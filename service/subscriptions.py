@@ -1,0 +1,210 @@
+"""Subscriptions and deliveries: the domain behind ``/v1/subscriptions`` and ``/v1/deliveries``.
+
+Functions take a session and plain values; the views stay thin.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.delivery import FAILED, PENDING
+from service.events import add_delivery, new_event
+from service.jobs import decode_cursor, encode_cursor_parts, isoformat
+from service.models import Delivery, DeliveryAttempt, Event, Subscription, new_id, utcnow
+from service.notifiers.webhook import generate_secret
+
+SECRET_OVERLAP = timedelta(hours=24)
+WEBHOOK = "webhook"
+
+
+def subscription_resource(sub: Subscription, *, secret: str | None = None) -> dict[str, Any]:
+    """Render a subscription; the secret only when just created or rotated."""
+    resource: dict[str, Any] = {
+        "id": sub.id,
+        "kind": sub.kind,
+        "url": sub.url,
+        "events": list(sub.events or []),
+        "description": sub.description,
+        "enabled": sub.enabled,
+        "disabled_reason": sub.disabled_reason,
+        "created_at": isoformat(sub.created_at),
+        "updated_at": isoformat(sub.updated_at),
+    }
+    if secret is not None:
+        resource["secret"] = secret
+    return resource
+
+
+def create_subscription(session: Session, params: dict[str, Any]) -> Subscription:
+    now = utcnow()
+    sub = Subscription(
+        id=new_id("sub"),
+        kind=params["kind"],
+        url=params["url"],
+        events=list(dict.fromkeys(params["events"])),
+        description=params.get("description", ""),
+        enabled=params.get("enabled", True),
+        secret=generate_secret() if params["kind"] == WEBHOOK else None,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(sub)
+    return sub
+
+
+def update_subscription(sub: Subscription, changes: dict[str, Any]) -> None:
+    """Apply a PATCH; re-enabling clears the reason and the failure streak."""
+    for name in ("url", "description"):
+        if name in changes:
+            setattr(sub, name, changes[name])
+    if "events" in changes:
+        sub.events = list(dict.fromkeys(changes["events"]))
+    if "enabled" in changes:
+        sub.enabled = changes["enabled"]
+        if sub.enabled:
+            sub.disabled_reason = None
+            sub.failing_since = None
+        elif not sub.disabled_reason:
+            sub.disabled_reason = "disabled by request"
+    sub.updated_at = utcnow()
+
+
+def rotate_secret(sub: Subscription) -> str:
+    """Give the subscription a new secret; the old one keeps signing for 24 hours."""
+    now = utcnow()
+    new_secret = generate_secret()
+    sub.previous_secret = sub.secret
+    sub.previous_secret_expires_at = now + SECRET_OVERLAP
+    sub.secret = new_secret
+    sub.updated_at = now
+    return new_secret
+
+
+def send_test_event(session: Session, db: Database, sub: Subscription) -> tuple[Event, Delivery]:
+    """Queue a ``test.ping`` event for this subscription alone."""
+    event = new_event(
+        session,
+        "test.ping",
+        {"subscription_id": sub.id, "message": "Test event from motionhook"},
+        job_id=None,
+    )
+    delivery = add_delivery(
+        session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=None
+    )
+    db.notify(session)
+    return event, delivery
+
+
+def recover_failed(session: Session, db: Database, sub: Subscription, since: datetime) -> int:
+    """Queue again every failed delivery of the subscription created since ``since``."""
+    now = utcnow()
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.subscription_id == sub.id,
+            Delivery.status == FAILED,
+            Delivery.created_at >= since,
+        )
+        .values(status=PENDING, due_at=now, lease_owner=None, updated_at=now)
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        db.notify(session)
+    return count
+
+
+def retry_delivery(session: Session, db: Database, delivery: Delivery) -> None:
+    """Replay one delivery now, whatever its status."""
+    now = utcnow()
+    delivery.status = PENDING
+    delivery.due_at = now
+    delivery.lease_owner = None
+    delivery.updated_at = now
+    db.notify(session)
+
+
+def delivery_resource(
+    delivery: Delivery, event_type: str, attempts: list[DeliveryAttempt] | None = None
+) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "id": delivery.id,
+        "event_id": delivery.event_id,
+        "event_type": event_type,
+        "subscription_id": delivery.subscription_id,
+        "job_id": delivery.job_id,
+        "kind": delivery.kind,
+        "status": delivery.status,
+        "attempt_count": delivery.attempt_count,
+        "next_attempt_at": isoformat(delivery.due_at) if delivery.status == PENDING else None,
+        "last_status_code": delivery.last_status_code,
+        "last_error": delivery.last_error,
+        "created_at": isoformat(delivery.created_at),
+        "updated_at": isoformat(delivery.updated_at),
+        "delivered_at": isoformat(delivery.delivered_at),
+    }
+    if attempts is not None:
+        resource["attempts"] = [
+            {
+                "attempted_at": isoformat(attempt.attempted_at),
+                "status_code": attempt.status_code,
+                "latency_ms": attempt.latency_ms,
+                "error": attempt.error,
+                "response_excerpt": attempt.response_excerpt,
+                "outcome": attempt.outcome,
+            }
+            for attempt in attempts
+        ]
+    return resource
+
+
+def get_delivery(session: Session, delivery_id: str) -> dict[str, Any] | None:
+    row = session.execute(
+        select(Delivery, Event.type)
+        .join(Event, Event.id == Delivery.event_id)
+        .where(Delivery.id == delivery_id)
+    ).first()
+    if row is None:
+        return None
+    delivery, event_type = row
+    attempts = list(
+        session.scalars(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id == delivery_id)
+            .order_by(DeliveryAttempt.attempted_at, DeliveryAttempt.id)
+        )
+    )
+    return delivery_resource(delivery, event_type, attempts)
+
+
+def list_deliveries(
+    session: Session, *, filters: dict[str, Any], limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of deliveries, newest first."""
+    query = (
+        select(Delivery, Event.type)
+        .join(Event, Event.id == Delivery.event_id)
+        .order_by(Delivery.created_at.desc(), Delivery.id.desc())
+        .limit(limit + 1)
+    )
+    for name in ("subscription_id", "job_id", "status"):
+        if filters.get(name):
+            query = query.where(getattr(Delivery, name) == filters[name])
+    if cursor:
+        created, delivery_id = decode_cursor(cursor)
+        query = query.where(
+            or_(
+                Delivery.created_at < created,
+                and_(Delivery.created_at == created, Delivery.id < delivery_id),
+            )
+        )
+    rows = list(session.execute(query))
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1][0]
+        next_cursor = encode_cursor_parts(last.created_at, last.id)
+    return [delivery_resource(d, t) for d, t in rows[:limit]], next_cursor
