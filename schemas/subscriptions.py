@@ -22,10 +22,15 @@ class SubscriptionCreateSchema(Schema):
         required=True,
         validate=validate.OneOf(KINDS, error="must be one of: " + ", ".join(KINDS)),
     )
-    url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False,
-                     validate=validate.Length(max=2000))
-    events = fields.List(_event_type, load_default=lambda: list(EVENT_TYPES),
-                         validate=validate.Length(min=1))
+    url = fields.Url(
+        required=True,
+        schemes={"http", "https"},
+        require_tld=False,
+        validate=validate.Length(max=2000),
+    )
+    events = fields.List(
+        _event_type, load_default=lambda: list(EVENT_TYPES), validate=validate.Length(min=1)
+    )
     description = fields.String(load_default="", validate=validate.Length(max=500))
     enabled = fields.Boolean(load_default=True)
 
@@ -34,8 +39,9 @@ class SubscriptionUpdateSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    url = fields.Url(schemes={"http", "https"}, require_tld=False,
-                     validate=validate.Length(max=2000))
+    url = fields.Url(
+        schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000)
+    )
     events = fields.List(_event_type, validate=validate.Length(min=1))
     description = fields.String(validate=validate.Length(max=500))
     enabled = fields.Boolean()

@@ -31,7 +31,9 @@ def callback_token(secret: str, track_id: str) -> str:
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
-def verify_callback_token(secrets: tuple[str | None, ...], track_id: str, token: str | None) -> bool:
+def verify_callback_token(
+    secrets: tuple[str | None, ...], track_id: str, token: str | None
+) -> bool:
     """Check ``token`` against every active secret, in constant time."""
     if not token:
         return False
@@ -66,8 +68,9 @@ def parse_callback(raw: bytes) -> UpstreamResult:
     return result
 
 
-def _record(session: Session, job_id: str, raw: bytes, source: str, outcome: str,
-            detail: str | None) -> None:
+def _record(
+    session: Session, job_id: str, raw: bytes, source: str, outcome: str, detail: str | None
+) -> None:
     session.add(
         CallbackRecord(
             job_id=job_id,

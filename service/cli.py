@@ -68,8 +68,12 @@ def dev(port: int, simulator_port: int) -> None:
     use_simulator = not os.environ.get("MOTIONHOOK_MODELSLAB_API_KEY")
     user_env = {k: v for k, v in os.environ.items() if k.startswith("MOTIONHOOK_")}
     stack = Stack(
-        Path(app.instance_path), env=user_env, web_port=port, sim_port=simulator_port,
-        token=settings.api_tokens[0], simulator=use_simulator,
+        Path(app.instance_path),
+        env=user_env,
+        web_port=port,
+        sim_port=simulator_port,
+        token=settings.api_tokens[0],
+        simulator=use_simulator,
     )
     stack.env.setdefault("MOTIONHOOK_PUBLIC_URL", stack.web_url)
     if use_simulator:
@@ -110,7 +114,7 @@ Ctrl-C stops everything.
 @main.command()
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for the video.")
 def demo(timeout: float) -> None:
-    """Run one full round trip; exit 0 only when a signed job.completed and a playable video arrived."""
+    """Run one full round trip; exit 0 only on a signed job.completed with a playable video."""
     from service.demo import run_demo
 
     if not run_demo(click.echo, timeout=timeout):
@@ -127,8 +131,13 @@ def _duration(_ctx: object, _param: object, value: str) -> object:
 
 
 @main.command()
-@click.option("--older-than", "older_than", required=True, callback=_duration,
-              help="Age cutoff such as 30d, 12h or 90m.")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    callback=_duration,
+    help="Age cutoff such as 30d, 12h or 90m.",
+)
 @click.option("--media", is_flag=True, help="Also delete stored outputs and uploads of old jobs.")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
@@ -140,16 +149,24 @@ def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> No
 
     assert isinstance(older_than, timedelta)
     _app, services = load_services()
-    report = run_prune(services.db, services.storage, older_than=older_than,
-                       include_media=media, batch_size=batch_size, dry_run=dry_run)
-    verb = "would delete" if dry_run else "deleted"
-    click.echo(
-        f"{verb} (before {report.as_dict()['cutoff']}): "
-        f"{report.callbacks_deleted} raw callbacks, "
-        f"{report.attempt_bodies_cleared} delivery response bodies"
-        + (f", {report.media_objects_deleted} media objects of {report.media_jobs_pruned} jobs"
-           if media else "")
+    report = run_prune(
+        services.db,
+        services.storage,
+        older_than=older_than,
+        include_media=media,
+        batch_size=batch_size,
+        dry_run=dry_run,
     )
+    verb = "would delete" if dry_run else "deleted"
+    summary = (
+        f"{verb} (before {report.as_dict()['cutoff']}): {report.callbacks_deleted} raw "
+        f"callbacks, {report.attempt_bodies_cleared} delivery response bodies"
+    )
+    if media:
+        summary += (
+            f", {report.media_objects_deleted} media objects of {report.media_jobs_pruned} jobs"
+        )
+    click.echo(summary)
     if report.media_failures:
         raise click.ClickException(
             f"{report.media_failures} jobs kept their media: storage refused the delete "

@@ -184,9 +184,7 @@ class Settings:
                 if not config.get(name)
             ]
             if missing:
-                raise ConfigError(
-                    "production refuses to start without " + ", ".join(missing)
-                )
+                raise ConfigError("production refuses to start without " + ", ".join(missing))
             if str(config["DATABASE_URL"]).startswith("sqlite") and not _as_bool(
                 config.get("ALLOW_SQLITE_IN_PRODUCTION", False)
             ):
@@ -213,9 +211,7 @@ class Settings:
                 config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
             ),
             callback_secret_previous=config.get("CALLBACK_SECRET_PREVIOUS") or None,
-            webhook_secret=str(
-                config.get("WEBHOOK_SECRET") or _dev_webhook_secret(instance_path)
-            ),
+            webhook_secret=str(config.get("WEBHOOK_SECRET") or _dev_webhook_secret(instance_path)),
             modelslab_api_key=str(config.get("MODELSLAB_API_KEY") or "simulator"),
             modelslab_base_url=str(config["MODELSLAB_BASE_URL"]).rstrip("/"),
             storage_url=str(config.get("STORAGE_URL") or f"file://{instance_path / 'media'}"),

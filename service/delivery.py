@@ -61,14 +61,16 @@ class Deliverer:
         kind, url, envelope, secrets = prepared
         message = render_message(kind, envelope, secrets=secrets)
         result = send(
-            self.http, url, message, kind=kind, timeout=self.settings.delivery_timeout,
+            self.http,
+            url,
+            message,
+            kind=kind,
+            timeout=self.settings.delivery_timeout,
             now=lambda: datetime.now(UTC),
         )
         self._settle(delivery_id, result)
 
-    def _prepare(
-        self, delivery_id: str
-    ) -> tuple[str, str, dict[str, Any], list[str]] | None:
+    def _prepare(self, delivery_id: str) -> tuple[str, str, dict[str, Any], list[str]] | None:
         now = utcnow()
         with self.db.transaction() as session:
             delivery = session.get(Delivery, delivery_id)
@@ -77,12 +79,19 @@ class Deliverer:
             event = session.get(Event, delivery.event_id)
             assert event is not None
             if delivery.subscription_id is None:
-                return (delivery.kind, delivery.target_url or "", event.payload,
-                        [self.settings.webhook_secret])
+                return (
+                    delivery.kind,
+                    delivery.target_url or "",
+                    event.payload,
+                    [self.settings.webhook_secret],
+                )
             sub = session.get(Subscription, delivery.subscription_id, with_for_update=True)
             if sub is None or not sub.enabled:
-                reason = "subscription deleted" if sub is None else (
-                    f"subscription disabled: {sub.disabled_reason or 'by request'}")
+                reason = (
+                    "subscription deleted"
+                    if sub is None
+                    else (f"subscription disabled: {sub.disabled_reason or 'by request'}")
+                )
                 self._fail(delivery, reason, now)
                 return None
             if sub.next_send_at is not None and sub.next_send_at > now:
@@ -129,14 +138,23 @@ class Deliverer:
             self._apply_outcome(session, delivery, sub, result, now)
         log.info(
             "delivery attempt",
-            extra={"delivery_id": delivery_id, "outcome": result.outcome.result,
-                   "http_status": result.status, "latency_ms": round(result.latency_ms, 1),
-                   "subscription_id": delivery.subscription_id, "job_id": delivery.job_id},
+            extra={
+                "delivery_id": delivery_id,
+                "outcome": result.outcome.result,
+                "http_status": result.status,
+                "latency_ms": round(result.latency_ms, 1),
+                "subscription_id": delivery.subscription_id,
+                "job_id": delivery.job_id,
+            },
         )
 
     def _apply_outcome(
-        self, session: Session, delivery: Delivery, sub: Subscription | None,
-        result: AttemptResult, now: datetime,
+        self,
+        session: Session,
+        delivery: Delivery,
+        sub: Subscription | None,
+        result: AttemptResult,
+        now: datetime,
     ) -> None:
         outcome = result.outcome
         if sub is not None and result.pacing > 0:
@@ -154,12 +172,17 @@ class Deliverer:
             return
         if outcome.result == "retry":
             delay = next_attempt_delay(
-                self.settings.retry_schedule, delivery.attempt_count,
-                retry_after=outcome.retry_after, rng=self.rng,
+                self.settings.retry_schedule,
+                delivery.attempt_count,
+                retry_after=outcome.retry_after,
+                rng=self.rng,
             )
             if delay is None:
-                self._fail(delivery, f"gave up after {delivery.attempt_count} attempts: "
-                           f"{outcome.reason}", now)
+                self._fail(
+                    delivery,
+                    f"gave up after {delivery.attempt_count} attempts: {outcome.reason}",
+                    now,
+                )
             else:
                 delivery.due_at = now + timedelta(seconds=delay)
                 delivery.lease_owner = None

@@ -68,9 +68,12 @@ def run_demo(say: Callable[[str], None], *, timeout: float = 120) -> bool:
                 response = stack.api().post(
                     f"{stack.web_url}/v1/jobs",
                     files={"image": ("sample.png", image, "image/png")},
-                    data={"prompt": "a slow zoom over the sample", "num_frames": "16",
-                          "webhook_url": receiver_url,
-                          "webhook_events": json.dumps(["job.completed", "job.failed"])},
+                    data={
+                        "prompt": "a slow zoom over the sample",
+                        "num_frames": "16",
+                        "webhook_url": receiver_url,
+                        "webhook_events": json.dumps(["job.completed", "job.failed"]),
+                    },
                     timeout=10,
                 )
             if response.status_code != 202:
@@ -96,8 +99,10 @@ def run_demo(say: Callable[[str], None], *, timeout: float = 120) -> bool:
             if video.status_code != 200 or frames <= 0:
                 say(f"FAIL: the stored video is not playable (HTTP {video.status_code})")
                 return False
-            say(f"stored video: {len(video.content)} bytes, {frames} frames, "
-                f"sha256 {output['sha256'][:12]}...")
+            say(
+                f"stored video: {len(video.content)} bytes, {frames} frames, "
+                f"sha256 {output['sha256'][:12]}..."
+            )
             say("OK: full round trip completed")
             return True
         finally:

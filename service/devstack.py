@@ -32,8 +32,13 @@ def free_port() -> int:
         return port
 
 
-def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.05,
-               message: str = "condition") -> object:
+def wait_until(
+    predicate: Callable[[], object],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> object:
     """Poll ``predicate`` until it returns something truthy or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -111,12 +116,18 @@ class Stack:
     def sim_url(self) -> str:
         return f"http://127.0.0.1:{self.sim_port}"
 
-    def spawn(self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> Process:
+    def spawn(
+        self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None
+    ) -> Process:
         log_path = self.instance / f"{name}-{len(self.processes)}.log"
         handle: IO[bytes] = log_path.open("wb")
         popen = subprocess.Popen(
-            argv, env={**self.env, **(extra_env or {})}, stdout=handle,
-            stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT),
+            argv,
+            env={**self.env, **(extra_env or {})},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(ROOT),
         )
         handle.close()
         process = Process(name, popen, log_path)
@@ -124,12 +135,23 @@ class Stack:
         return process
 
     def migrate(self) -> None:
-        subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=self.env,
-                       check=True, capture_output=True, cwd=str(ROOT))
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "db", "upgrade"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            cwd=str(ROOT),
+        )
 
     def start_web(self, extra_env: Mapping[str, str] | None = None) -> Process:
-        argv = [sys.executable, "-m", "gunicorn", "service:create_app()",
-                "-b", f"127.0.0.1:{self.web_port}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "service:create_app()",
+            "-b",
+            f"127.0.0.1:{self.web_port}",
+        ]
         if GUNICORN_CONF.exists():
             argv += ["-c", str(GUNICORN_CONF)]
         process = self.spawn("web", argv, extra_env)
@@ -140,8 +162,15 @@ class Stack:
         return self.spawn("worker", [sys.executable, "-m", "service.cli", "worker"], extra_env)
 
     def start_simulator(self, *flags: str) -> Process:
-        argv = [sys.executable, "-m", "service.cli", "simulate", "--port", str(self.sim_port),
-                *flags]
+        argv = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "simulate",
+            "--port",
+            str(self.sim_port),
+            *flags,
+        ]
         process = self.spawn("simulator", argv)
         self._wait_ready(process, f"{self.sim_url}/_sim/knobs")
         return process

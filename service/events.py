@@ -78,10 +78,17 @@ def emit_job_event(
     """Record a job event and one delivery per matching subscription and per-job webhook."""
     event = new_event(session, event_type, data, job.id)
     for sub in matching_subscriptions(session, event_type):
-        add_delivery(session, event, kind=sub.kind, subscription_id=sub.id, target_url=None,
-                     job_id=job.id)
+        add_delivery(
+            session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=job.id
+        )
     if job.webhook_url and (not job.webhook_events or event_type in job.webhook_events):
-        add_delivery(session, event, kind=WEBHOOK, subscription_id=None,
-                     target_url=job.webhook_url, job_id=job.id)
+        add_delivery(
+            session,
+            event,
+            kind=WEBHOOK,
+            subscription_id=None,
+            target_url=job.webhook_url,
+            job_id=job.id,
+        )
     db.notify(session)
     return event

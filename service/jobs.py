@@ -132,9 +132,7 @@ def job_resource(job: Job, media_url: MediaUrl) -> dict[str, Any]:
         "upstream": {"id": job.upstream_id, "status": job.upstream_status, "eta": job.eta},
         "outputs": outputs,
         "error": (
-            {"code": job.error_code, "message": job.error_message or ""}
-            if job.error_code
-            else None
+            {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
         ),
     }
 
@@ -168,7 +166,11 @@ def list_jobs(
             or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
         )
     jobs = list(session.scalars(query))
-    next_cursor = encode_cursor_parts(jobs[limit - 1].created_at, jobs[limit - 1].id) if len(jobs) > limit else None
+    next_cursor = (
+        encode_cursor_parts(jobs[limit - 1].created_at, jobs[limit - 1].id)
+        if len(jobs) > limit
+        else None
+    )
     return jobs[:limit], next_cursor
 
 
@@ -233,7 +235,11 @@ def apply_upstream_result(
         cancel_tasks(session, job.id, keep=("download",))
         if not job.source_urls:
             fail_job(
-                session, db, job, "upstream_error", "ModelsLab reported success without output",
+                session,
+                db,
+                job,
+                "upstream_error",
+                "ModelsLab reported success without output",
                 media_url,
             )
             return APPLIED
@@ -245,7 +251,11 @@ def apply_upstream_result(
         _remember_upstream(job, result)
         job.upstream_status = FAILED
         fail_job(
-            session, db, job, "upstream_error", result.message or "ModelsLab reported failure",
+            session,
+            db,
+            job,
+            "upstream_error",
+            result.message or "ModelsLab reported failure",
             media_url,
         )
         return APPLIED
@@ -258,7 +268,9 @@ def apply_upstream_result(
         job.submitted_at = job.submitted_at or now
         job.updated_at = now
         eta = job.eta or 0.0
-        enqueue_task(session, db, "reconcile", job.id, now + timedelta(seconds=eta + callback_grace))
+        enqueue_task(
+            session, db, "reconcile", job.id, now + timedelta(seconds=eta + callback_grace)
+        )
         emit_job_event(session, db, "job.processing", job, job_resource(job, media_url))
         return APPLIED
     return IGNORED

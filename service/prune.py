@@ -177,7 +177,9 @@ def _media_of(job_id: str, outputs: Any, job_input: Any) -> _MediaJob | None:
     return _MediaJob(job_id, output_keys, str(image_key) if image_key else None)
 
 
-def _old_media_batches(db: Database, cutoff: datetime, batch_size: int) -> Iterator[list[_MediaJob]]:
+def _old_media_batches(
+    db: Database, cutoff: datetime, batch_size: int
+) -> Iterator[list[_MediaJob]]:
     """Yield finished jobs with stored media, keyset-paginated by id."""
     after = ""
     while True:

@@ -76,7 +76,9 @@ def claim_deliveries(
     return deliveries
 
 
-def release_claims(session: Session, owner: str, task_ids: Iterable[int], delivery_ids: Iterable[str]) -> None:
+def release_claims(
+    session: Session, owner: str, task_ids: Iterable[int], delivery_ids: Iterable[str]
+) -> None:
     """Hand back leases this worker holds but will not finish (graceful shutdown)."""
     now = utcnow()
     ids = list(task_ids)

@@ -80,8 +80,11 @@ class UpstreamClient:
                 self.base_url + path, json=body, timeout=self.timeout, allow_redirects=False
             )
         except requests.Timeout:
-            return UpstreamAnswer(RETRY, message="ModelsLab did not answer in time",
-                                  latency=time.perf_counter() - started)
+            return UpstreamAnswer(
+                RETRY,
+                message="ModelsLab did not answer in time",
+                latency=time.perf_counter() - started,
+            )
         except requests.RequestException as exc:
             return UpstreamAnswer(
                 RETRY,
@@ -111,14 +114,17 @@ class UpstreamClient:
                 if isinstance(body_retry, int | float)
                 else retry_after_seconds(response.headers.get("Retry-After"))
             )
-            return answer(RETRY, message=message or "rate limited by ModelsLab",
-                          retry_after=retry_after)
+            return answer(
+                RETRY, message=message or "rate limited by ModelsLab", retry_after=retry_after
+            )
         if status >= 500 or status == 408:
             return answer(RETRY, message=f"ModelsLab answered HTTP {status}")
         if 300 <= status < 400:
             return answer(RETRY, message=f"ModelsLab answered a redirect (HTTP {status})")
         if status in PERMANENT_HTTP or 400 <= status < 500:
-            return answer(REJECTED, message=message or f"ModelsLab refused the request (HTTP {status})")
+            return answer(
+                REJECTED, message=message or f"ModelsLab refused the request (HTTP {status})"
+            )
         if not isinstance(payload, dict):
             return answer(RETRY, message="ModelsLab answered with a body that is not JSON")
         try:
@@ -126,6 +132,9 @@ class UpstreamClient:
         except ValidationError:
             return answer(RETRY, message="ModelsLab answered without a status")
         if result.status == FAILED:
-            return answer(REJECTED, result=result,
-                          message=self._scrub(result.message or "ModelsLab reported an error"))
+            return answer(
+                REJECTED,
+                result=result,
+                message=self._scrub(result.message or "ModelsLab reported an error"),
+            )
         return answer(RESULT, result=result)

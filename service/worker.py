@@ -8,6 +8,7 @@ says there is work, or until the next row comes due.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -169,11 +170,16 @@ class Worker:
             return 0
         with self.db.transaction() as session:
             tasks = claim_tasks(
-                session, self.db, owner=self.owner, lease=self.settings.task_lease,
-                limit=free, now=utcnow(),
+                session,
+                self.db,
+                owner=self.owner,
+                lease=self.settings.task_lease,
+                limit=free,
+                now=utcnow(),
             )
-            claimed = [(task.id, task.kind, task.job_id, task.attempts, task.created_at)
-                       for task in tasks]
+            claimed = [
+                (task.id, task.kind, task.job_id, task.attempts, task.created_at) for task in tasks
+            ]
         for _ in range(free - len(claimed)):
             self.task_slots.release()
         for item in claimed:
@@ -186,19 +192,34 @@ class Worker:
             return 0
         with self.db.transaction() as session:
             deliveries = claim_deliveries(
-                session, self.db, owner=self.owner, lease=self.settings.delivery_lease,
-                limit=free, now=utcnow(),
+                session,
+                self.db,
+                owner=self.owner,
+                lease=self.settings.delivery_lease,
+                limit=free,
+                now=utcnow(),
             )
             ids = [delivery.id for delivery in deliveries]
         for _ in range(free - len(ids)):
             self.delivery_slots.release()
         for delivery_id in ids:
-            self._start(self.delivery_pool, self.delivery_slots, "delivery", delivery_id,
-                        self.deliverer.deliver)
+            self._start(
+                self.delivery_pool,
+                self.delivery_slots,
+                "delivery",
+                delivery_id,
+                self.deliverer.deliver,
+            )
         return len(ids)
 
-    def _start(self, pool: ThreadPoolExecutor, slots: threading.BoundedSemaphore, kind: str,
-               item: Any, fn: Any) -> None:
+    def _start(
+        self,
+        pool: ThreadPoolExecutor,
+        slots: threading.BoundedSemaphore,
+        kind: str,
+        item: Any,
+        fn: Any,
+    ) -> None:
         future: Future[None] = pool.submit(fn, item)
         with self.lock:
             self.in_flight[future] = (kind, item)
@@ -208,8 +229,11 @@ class Worker:
                 self.in_flight.pop(fut, None)
             slots.release()
             if not fut.cancelled() and fut.exception() is not None:
-                log.error("work failed", exc_info=fut.exception(),
-                          extra={"work_kind": kind, "item": str(item)[:80]})
+                log.error(
+                    "work failed",
+                    exc_info=fut.exception(),
+                    extra={"work_kind": kind, "item": str(item)[:80]},
+                )
             self.wake.set()
 
         future.add_done_callback(done)
@@ -225,10 +249,9 @@ class Worker:
                 continue
             remaining = deadline - time.monotonic()
             if remaining > 0:
-                try:
+                # Failures were already logged by the done callback.
+                with contextlib.suppress(Exception):
                     fut.result(timeout=remaining)
-                except Exception:  # noqa: BLE001 - already logged by the done callback
-                    pass
         with self.lock:
             unfinished = dict(self.in_flight)
         handed_back = {**not_started, **unfinished}
@@ -244,8 +267,11 @@ class Worker:
 
     def _run_task(self, item: tuple[int, str, str, int, datetime]) -> None:
         task_id, kind, job_id, attempts, created_at = item
-        handler = {"submit": self._submit, "download": self._download,
-                   "reconcile": self._reconcile}[kind]
+        handler = {
+            "submit": self._submit,
+            "download": self._download,
+            "reconcile": self._reconcile,
+        }[kind]
         handler(task_id, job_id, attempts, created_at)
 
     def _owned_task(self, session: Any, task_id: int) -> Task | None:
@@ -273,9 +299,15 @@ class Worker:
                 return
             params = upstream_params(job, self.services)
         answer = self.upstream.submit(params)
-        log.info("submitted upstream", extra={"job_id": job_id, "track_id": job_id,
-                                              "outcome": answer.kind,
-                                              "http_status": answer.http_status})
+        log.info(
+            "submitted upstream",
+            extra={
+                "job_id": job_id,
+                "track_id": job_id,
+                "outcome": answer.kind,
+                "http_status": answer.http_status,
+            },
+        )
         with self.db.transaction() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
@@ -283,22 +315,32 @@ class Worker:
             job.submit_attempts = attempts
             if answer.kind == RESULT and answer.result is not None:
                 outcome = apply_upstream_result(
-                    session, self.db, job, answer.result,
-                    callback_grace=self.settings.callback_grace, media_url=media_url,
+                    session,
+                    self.db,
+                    job,
+                    answer.result,
+                    callback_grace=self.settings.callback_grace,
+                    media_url=media_url,
                 )
-                record_fetch(session, job_id, answer.raw, outcome, answer.result.status,
-                             source="submit")
+                record_fetch(
+                    session, job_id, answer.raw, outcome, answer.result.status, source="submit"
+                )
                 self._finish_task(session, task_id)
             elif answer.kind == REJECTED:
                 if job.status == QUEUED:
-                    fail_job(session, self.db, job, "upstream_rejected", answer.message,
-                             media_url)
+                    fail_job(session, self.db, job, "upstream_rejected", answer.message, media_url)
                 self._finish_task(session, task_id)
             elif job.status != QUEUED:
                 self._finish_task(session, task_id)
             elif utcnow() - job.created_at > timedelta(seconds=self.settings.job_timeout):
-                fail_job(session, self.db, job, "timeout",
-                         f"ModelsLab could not take the job in time: {answer.message}", media_url)
+                fail_job(
+                    session,
+                    self.db,
+                    job,
+                    "timeout",
+                    f"ModelsLab could not take the job in time: {answer.message}",
+                    media_url,
+                )
             else:
                 delay = backoff(SUBMIT_BACKOFF, attempts, answer.retry_after)
                 self._retry_task(session, task_id, delay, answer.message)
@@ -317,7 +359,9 @@ class Worker:
         for index, url in enumerate(urls):
             try:
                 stored = download_output(
-                    self.outbound, url, self.services.storage,
+                    self.outbound,
+                    url,
+                    self.services.storage,
                     functools.partial(upload_key_for, job_id, index),
                     max_bytes=self.settings.max_output_bytes,
                     timeout=self.settings.download_timeout,
@@ -325,15 +369,22 @@ class Worker:
             except DownloadError as exc:
                 if exc.retryable and not past_deadline:
                     with self.db.transaction() as session:
-                        self._retry_task(session, task_id, backoff(DOWNLOAD_BACKOFF, attempts),
-                                         exc.reason)
+                        self._retry_task(
+                            session, task_id, backoff(DOWNLOAD_BACKOFF, attempts), exc.reason
+                        )
                     return
                 log.error("output not stored", extra={"job_id": job_id, "reason": exc.reason})
                 outputs.append({"source_url": url, "error": exc.reason})
                 continue
-            outputs.append({"key": stored.key, "source_url": url,
-                            "content_type": stored.content_type, "bytes": stored.size,
-                            "sha256": stored.sha256})
+            outputs.append(
+                {
+                    "key": stored.key,
+                    "source_url": url,
+                    "content_type": stored.content_type,
+                    "bytes": stored.size,
+                    "sha256": stored.sha256,
+                }
+            )
         with self.db.transaction() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is not None and job.status != COMPLETED:
@@ -349,8 +400,14 @@ class Worker:
                 self._finish_task(session, task_id)
                 return
             if utcnow() >= job.created_at + timeout:
-                fail_job(session, self.db, job, "timeout",
-                         "no result from ModelsLab before MOTIONHOOK_JOB_TIMEOUT", media_url)
+                fail_job(
+                    session,
+                    self.db,
+                    job,
+                    "timeout",
+                    "no result from ModelsLab before MOTIONHOOK_JOB_TIMEOUT",
+                    media_url,
+                )
                 return
             upstream_id = job.upstream_id
             deadline = job.created_at + timeout
@@ -361,13 +418,24 @@ class Worker:
                 return
             if answer is not None and answer.result is not None:
                 outcome = apply_upstream_result(
-                    session, self.db, job, answer.result,
-                    callback_grace=self.settings.callback_grace, media_url=media_url,
+                    session,
+                    self.db,
+                    job,
+                    answer.result,
+                    callback_grace=self.settings.callback_grace,
+                    media_url=media_url,
                 )
-                record_fetch(session, job_id, answer.raw, outcome, answer.result.status,
-                             source="fetch")
-                log.info("reconciled", extra={"job_id": job_id, "outcome": outcome,
-                                              "upstream_status": answer.result.status})
+                record_fetch(
+                    session, job_id, answer.raw, outcome, answer.result.status, source="fetch"
+                )
+                log.info(
+                    "reconciled",
+                    extra={
+                        "job_id": job_id,
+                        "outcome": outcome,
+                        "upstream_status": answer.result.status,
+                    },
+                )
             if job.status == RUNNING and job.upstream_status != SUCCESS:
                 due = min(utcnow() + timedelta(seconds=RECONCILE_EVERY), deadline)
                 delay = max(0.0, (due - utcnow()).total_seconds())

@@ -65,7 +65,9 @@ def app_config(database_url: str, tmp_path: Path, **overrides: Any) -> dict[str,
 
 
 @pytest.fixture(params=ENGINES)
-def app(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Flask]:
+def app(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Flask]:
     """The web app on a migrated database (SQLite, and PostgreSQL when configured)."""
     monkeypatch.setenv("MOTIONHOOK_INSTANCE_PATH", str(tmp_path / "instance"))
     url = _make_url(request, request.param, tmp_path)

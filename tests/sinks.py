@@ -40,8 +40,7 @@ class Sink:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                   body)
+                request = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 with sink.lock:
                     sink.received.append(request)
                     number = len(sink.received)

@@ -122,7 +122,9 @@ def test_unknown_field_is_422(client: FlaskClient, auth: dict[str, str]) -> None
     assert_422_naming(create(client, auth, colour="red"), "colour")
 
 
-def test_client_cannot_set_upstream_key_or_webhook(client: FlaskClient, auth: dict[str, str]) -> None:
+def test_client_cannot_set_upstream_key_or_webhook(
+    client: FlaskClient, auth: dict[str, str]
+) -> None:
     assert_422_naming(create(client, auth, key="x"), "key")
     assert_422_naming(create(client, auth, webhook="http://x.example"), "webhook")
     assert_422_naming(create(client, auth, track_id="mine"), "track_id")

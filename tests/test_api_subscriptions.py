@@ -34,8 +34,9 @@ def public_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 def subscribe(client: FlaskClient, auth: dict[str, str], **body: Any) -> Any:
-    return client.post("/v1/subscriptions", json={"kind": "webhook", "url": HOOK, **body},
-                       headers=auth)
+    return client.post(
+        "/v1/subscriptions", json={"kind": "webhook", "url": HOOK, **body}, headers=auth
+    )
 
 
 def test_create_webhook_subscription_shows_secret_once(
@@ -63,8 +64,13 @@ def test_chat_subscriptions_have_no_secret_and_default_to_all_events(
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://example.com/x", "http://169.254.169.254/latest/meta-data", "http://localhost:8000/",
-     "http://127.0.0.1/", "http://10.0.0.7/hook"],
+    [
+        "ftp://example.com/x",
+        "http://169.254.169.254/latest/meta-data",
+        "http://localhost:8000/",
+        "http://127.0.0.1/",
+        "http://10.0.0.7/hook",
+    ],
 )
 def test_unsafe_urls_are_refused(client: FlaskClient, auth: dict[str, str], url: str) -> None:
     response = subscribe(client, auth, url=url)
@@ -96,8 +102,9 @@ def test_patch_disable_enable_and_delete(client: FlaskClient, auth: dict[str, st
     disabled = client.patch(path, json={"enabled": False}, headers=auth).get_json()
     assert disabled["enabled"] is False
     assert disabled["disabled_reason"]
-    enabled = client.patch(path, json={"enabled": True, "events": ["job.failed"],
-                                       "description": "x"}, headers=auth).get_json()
+    enabled = client.patch(
+        path, json={"enabled": True, "events": ["job.failed"], "description": "x"}, headers=auth
+    ).get_json()
     assert enabled["enabled"] is True and enabled["disabled_reason"] is None
     assert enabled["events"] == ["job.failed"]
     assert client.patch(path, json={"url": "http://10.0.0.1/"}, headers=auth).status_code == 422
@@ -125,8 +132,10 @@ def test_rotate_secret_keeps_previous_for_a_day(
         assert active_secrets(row, utcnow()) == [new_secret, sub["secret"]]
         assert active_secrets(row, utcnow() + timedelta(hours=25)) == [new_secret]
     slack = subscribe(client, auth, kind="slack").get_json()
-    assert client.post(f"/v1/subscriptions/{slack['id']}/rotate-secret",
-                       headers=auth).status_code == 409
+    assert (
+        client.post(f"/v1/subscriptions/{slack['id']}/rotate-secret", headers=auth).status_code
+        == 409
+    )
 
 
 def test_job_event_fans_out_to_matching_subscriptions_and_job_webhook(
@@ -135,10 +144,15 @@ def test_job_event_fans_out_to_matching_subscriptions_and_job_webhook(
     completed_only = subscribe(client, auth, events=["job.completed"]).get_json()
     everything = subscribe(client, auth, kind="discord").get_json()
     subscribe(client, auth, kind="slack", enabled=False)
-    job = client.post("/v1/jobs", json={"init_image": "https://example.com/a.png",
-                                        "webhook_url": "https://example.com/job-hook",
-                                        "webhook_events": ["job.failed"]},
-                      headers=auth).get_json()
+    job = client.post(
+        "/v1/jobs",
+        json={
+            "init_image": "https://example.com/a.png",
+            "webhook_url": "https://example.com/job-hook",
+            "webhook_events": ["job.failed"],
+        },
+        headers=auth,
+    ).get_json()
     post_callback(job["id"], {"status": "failed", "message": "boom"})
     with services.db.transaction() as session:
         rows = list(session.scalars(select(Delivery).where(Delivery.job_id == job["id"])))
@@ -164,17 +178,24 @@ def test_test_event_recover_and_retry(
         row = session.get(Delivery, delivery_id)
         assert row is not None
         row.status = "failed"
-    recovered = client.post(f"/v1/subscriptions/{sub['id']}/recover",
-                            json={"since": "2000-01-01T00:00:00Z"}, headers=auth)
+    recovered = client.post(
+        f"/v1/subscriptions/{sub['id']}/recover",
+        json={"since": "2000-01-01T00:00:00Z"},
+        headers=auth,
+    )
     assert recovered.get_json() == {"recovered": 1}
-    again = client.post(f"/v1/subscriptions/{sub['id']}/recover",
-                        json={"since": "2000-01-01T00:00:00Z"}, headers=auth)
+    again = client.post(
+        f"/v1/subscriptions/{sub['id']}/recover",
+        json={"since": "2000-01-01T00:00:00Z"},
+        headers=auth,
+    )
     assert again.get_json() == {"recovered": 0}
     retried = client.post(f"/v1/deliveries/{delivery_id}/retry", headers=auth)
     assert retried.status_code == 202
     assert retried.get_json()["status"] == "pending"
-    bad_since = client.post(f"/v1/subscriptions/{sub['id']}/recover", json={"since": "yesterday"},
-                            headers=auth)
+    bad_since = client.post(
+        f"/v1/subscriptions/{sub['id']}/recover", json={"since": "yesterday"}, headers=auth
+    )
     assert bad_since.status_code == 422
     assert "since" in bad_since.get_json()["message"]
     assert client.get("/v1/deliveries/dlv_nope", headers=auth).status_code == 404

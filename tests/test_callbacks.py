@@ -13,13 +13,18 @@ from service.extension import Services
 from service.jobs import apply_upstream_result, fail_job
 from service.models import CallbackRecord, Event, Job, Task
 
-SUCCESS = {"status": "success", "id": 146, "output": ["https://cdn.example/v.mp4"],
-           "generationTime": 4.2}
+SUCCESS = {
+    "status": "success",
+    "id": 146,
+    "output": ["https://cdn.example/v.mp4"],
+    "generationTime": 4.2,
+}
 
 
 def new_job(client: FlaskClient, auth: dict[str, str]) -> str:
-    response = client.post("/v1/jobs", json={"init_image": "https://example.com/a.png"},
-                           headers=auth)
+    response = client.post(
+        "/v1/jobs", json={"init_image": "https://example.com/a.png"}, headers=auth
+    )
     return str(response.get_json()["id"])
 
 
@@ -32,7 +37,8 @@ def counts(services: Services, job_id: str) -> dict[str, Any]:
             "upstream_status": job.upstream_status,
             "events": sorted(session.scalars(select(Event.type).where(Event.job_id == job_id))),
             "callbacks": session.scalar(
-                select(func.count()).select_from(CallbackRecord)
+                select(func.count())
+                .select_from(CallbackRecord)
                 .where(CallbackRecord.job_id == job_id)
             ),
             "tasks": sorted(session.scalars(select(Task.kind).where(Task.job_id == job_id))),
@@ -61,7 +67,8 @@ def test_previous_secret_is_accepted_during_rotation(
 
     job_id = new_job(client, auth)
     services.settings = replace(
-        services.settings, callback_secret="new-secret",
+        services.settings,
+        callback_secret="new-secret",
         callback_secret_previous="test-callback-secret",
     )
     assert post_callback(job_id, SUCCESS).status_code == 200
@@ -126,7 +133,11 @@ def test_callback_before_submit_response_wins(
         assert job is not None
         late_submit = UpstreamResult(status="processing", upstream_id="146", eta=60)
         outcome = apply_upstream_result(
-            session, services.db, job, late_submit, callback_grace=600,
+            session,
+            services.db,
+            job,
+            late_submit,
+            callback_grace=600,
             media_url=services.media_url,
         )
     assert outcome == "duplicate"
@@ -145,8 +156,9 @@ def test_malformed_authenticated_body_is_400_and_stored(
     assert "JSON" in response.get_json()["message"]
     assert post_callback(job_id, {"no": "status"}).status_code == 400
     with services.db.transaction() as session:
-        bodies = list(session.scalars(select(CallbackRecord.body)
-                                      .where(CallbackRecord.job_id == job_id)))
+        bodies = list(
+            session.scalars(select(CallbackRecord.body).where(CallbackRecord.job_id == job_id))
+        )
     assert "{not json" in bodies
 
 

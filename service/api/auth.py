@@ -5,8 +5,8 @@ from __future__ import annotations
 import hmac
 
 from flask import request
-from flask_smorest import abort
 
+from service.api.errors import abort
 from service.extension import services
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from flask import request
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 
+from service.api.errors import abort
 from service.callbacks import receive_callback, verify_callback_token
 from service.extension import services
 
-blp = Blueprint("callbacks", __name__, url_prefix="/v1/callbacks",
-                description="Callbacks from ModelsLab (authenticated by the signed URL)")
+blp = Blueprint(
+    "callbacks",
+    __name__,
+    url_prefix="/v1/callbacks",
+    description="Callbacks from ModelsLab (authenticated by the signed URL)",
+)
 
 
 @blp.post("/modelslab/<string:track_id>")

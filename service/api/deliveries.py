@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 
 from schemas.subscriptions import DeliveryListArgs, DeliveryPageSchema, DeliverySchema
 from service.api.auth import require_token
+from service.api.errors import abort
 from service.extension import services
 from service.models import Delivery, Subscription
 from service.subscriptions import get_delivery, list_deliveries, retry_delivery
 
-blp = Blueprint("deliveries", __name__, url_prefix="/v1/deliveries",
-                description="Delivery log, with every attempt")
+blp = Blueprint(
+    "deliveries",
+    __name__,
+    url_prefix="/v1/deliveries",
+    description="Delivery log, with every attempt",
+)
 blp.before_request(require_token)
-SECURITY = [{"bearer": []}]
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 @blp.get("")

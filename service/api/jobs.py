@@ -7,12 +7,13 @@ import json
 from typing import Any
 
 from flask import request
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from schemas.jobs import JobCreateSchema, JobListArgs, JobPageSchema, JobSchema
 from service.api.auth import current_token, require_token
+from service.api.errors import abort
 from service.extension import services
 from service.jobs import (
     create_job,
@@ -130,7 +131,11 @@ def create(**_: Any) -> tuple[dict[str, Any], int]:
     try:
         with svc.db.transaction() as session:
             job = create_job(
-                session, svc.db, params, job_id=job_id, idempotency_key=scoped,
+                session,
+                svc.db,
+                params,
+                job_id=job_id,
+                idempotency_key=scoped,
                 fingerprint=fingerprint,
             )
             resource = job_resource(job, svc.media_url)

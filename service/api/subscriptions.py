@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,7 @@ from schemas.subscriptions import (
     TestSentSchema,
 )
 from service.api.auth import require_token
+from service.api.errors import abort
 from service.extension import services
 from service.models import Subscription
 from service.outbound import TargetRefused, validate_target_url
@@ -32,11 +33,13 @@ from service.subscriptions import (
 )
 
 blp = Blueprint(
-    "subscriptions", __name__, url_prefix="/v1/subscriptions",
+    "subscriptions",
+    __name__,
+    url_prefix="/v1/subscriptions",
     description="Where events are delivered: Slack, Discord or signed webhooks",
 )
 blp.before_request(require_token)
-SECURITY = [{"bearer": []}]
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def check_target(url: str) -> None:
