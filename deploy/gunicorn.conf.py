@@ -1,16 +1,90 @@
-"""gunicorn settings for motionhook's web process; every value can come from the environment."""
+"""gunicorn settings for motionhook's web process; every value can come from the environment.
+
+Run as ``gunicorn 'service:create_app()' -c deploy/gunicorn.conf.py`` (the Procfile's
+``web``). Logs (gunicorn's own and the access log) are JSON lines on stdout, with
+the query string redacted. Prometheus counters of all worker processes are added
+up through ``PROMETHEUS_MULTIPROC_DIR``: set it to an empty folder (a tmpfs is
+best), or this file creates a private one and removes it at exit.
+"""
 
 import multiprocessing
 import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# prometheus_client decides at import time whether it runs in multiprocess mode, so
+# this must happen before anything imports it (the app is loaded after this file).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OWNED_MARKER = "MOTIONHOOK_OWNS_METRICS_DIR"
+if not os.environ.get(MULTIPROC_ENV):
+    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="motionhook-metrics-")
+    os.environ[OWNED_MARKER] = os.environ[MULTIPROC_ENV]
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
 workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count() * 2)))
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 worker_class = "gthread"
+# A request is never slow on purpose (no network I/O in requests): 30 s means stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+# On SIGTERM, stop accepting and let requests in flight finish for this long.
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
-keepalive = 5
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))
+max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "0"))
+# Which proxies may set X-Forwarded-Proto/-For; "*" behind a PaaS router or an ingress.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# Containers often have a disk-backed /tmp; the worker heartbeat file belongs in memory.
+if Path("/dev/shm").is_dir():
+    worker_tmp_dir = "/dev/shm"
 accesslog = "-" if os.environ.get("GUNICORN_ACCESS_LOG", "1") == "1" else None
 errorlog = "-"
+loglevel = os.environ.get("MOTIONHOOK_LOG_LEVEL", "INFO").upper()
+
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "json": {"()": "service.observability.JsonFormatter"},
+        "access": {"()": "service.observability.AccessLogFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "service.observability.StdoutHandler", "formatter": "json"},
+        "access": {"class": "service.observability.StdoutHandler", "formatter": "access"},
+    },
+    "root": {"level": "WARNING", "handlers": ["console"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel, "handlers": ["console"], "propagate": False},
+        "gunicorn.access": {
+            "level": "INFO",
+            "handlers": ["access"] if accesslog else [],
+            "propagate": False,
+        },
+    },
+}
+
+
+def _metrics_dir() -> Path:
+    return Path(os.environ[MULTIPROC_ENV])
+
+
+def on_starting(server):
+    """Start from an empty metrics folder: files of a previous run would be added in."""
+    folder = _metrics_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges (its counters stay, as Prometheus expects)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics folder if this file created it."""
+    owned = os.environ.get(OWNED_MARKER)
+    if owned and owned == os.environ.get(MULTIPROC_ENV):
+        shutil.rmtree(owned, ignore_errors=True)

@@ -71,6 +71,9 @@ class OutputSchema(Schema):
     bytes = fields.Integer(allow_none=True)
     sha256 = fields.String(allow_none=True)
     stored = fields.Boolean()
+    error = fields.String(
+        allow_none=True, metadata={"description": "Why the output is not stored (if it is not)"}
+    )
 
 
 class JobErrorSchema(Schema):

@@ -31,6 +31,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["motionhook"] = Services.build(settings)
 
     from service.api import register_api
+    from service.observability import init_app as init_observability
+
+    init_observability(app, settings)
 
     register_api(app)
     return app

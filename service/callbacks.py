@@ -37,10 +37,12 @@ def verify_callback_token(
     """Check ``token`` against every active secret, in constant time."""
     if not token:
         return False
+    # Compare bytes: compare_digest refuses str with non-ASCII characters (a 500, not a 401).
+    given = token.encode("utf-8", "replace")
     valid = False
     for secret in secrets:
         if secret:
-            valid |= hmac.compare_digest(callback_token(secret, track_id), token)
+            valid |= hmac.compare_digest(callback_token(secret, track_id).encode(), given)
     return valid
 
 
@@ -88,6 +90,7 @@ def receive_callback(
     raw: bytes,
     *,
     callback_grace: float,
+    job_timeout: float,
     media_url: MediaUrl,
 ) -> CallbackOutcome:
     """Store an authenticated callback verbatim and apply it, all in one transaction."""
@@ -107,7 +110,9 @@ def receive_callback(
             _record(session, job_id, raw, "callback", UNKNOWN_JOB, None)
             return CallbackOutcome(200, UNKNOWN_JOB, "no such job; recorded")
         outcome = apply_upstream_result(
-            session, db, job, result, callback_grace=callback_grace, media_url=media_url
+            session, db, job, result, callback_grace=callback_grace,
+            job_timeout=job_timeout,
+            media_url=media_url,
         )
         _record(session, job_id, raw, "callback", outcome, result.status)
     message = "late callback recorded, job unchanged" if outcome == IGNORED else "ok"

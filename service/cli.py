@@ -44,9 +44,16 @@ def db_upgrade() -> None:
 @click.option("--once", is_flag=True, help="Run until no work is due, then exit.")
 def worker(once: bool) -> None:
     """Run the worker: submit, download, reconcile, deliver."""
+    from service.metrics import start_worker_server
+    from service.observability import init_sentry, set_component
     from service.worker import run_worker
 
+    set_component("worker")
     _app, services = load_services()
+    settings = services.settings
+    init_sentry(settings, component="worker")
+    if settings.worker_metrics_port:
+        start_worker_server(services, settings.worker_metrics_host, settings.worker_metrics_port)
     run_worker(services, once=once)
 
 

@@ -49,7 +49,16 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT": "600/minute",
     "RATELIMIT_STORAGE_URL": "memory://",
     "LOG_LEVEL": "INFO",
+    "METRICS_TOKEN": None,
+    "WORKER_METRICS_PORT": None,
+    "WORKER_METRICS_HOST": "0.0.0.0",
+    # Unprefixed (DESIGN §4), read from the environment when not in the mapping.
+    "SENTRY_DSN": None,
+    "SENTRY_ENVIRONMENT": None,
+    "SENTRY_TRACES_SAMPLE_RATE": None,
 }
+
+SENTRY_KEYS = ("SENTRY_DSN", "SENTRY_ENVIRONMENT", "SENTRY_TRACES_SAMPLE_RATE")
 
 
 class ConfigError(RuntimeError):
@@ -137,11 +146,11 @@ class Settings:
     instance_path: Path
     database_url: str
     public_url: str
-    api_tokens: tuple[str, ...]
-    callback_secret: str
-    callback_secret_previous: str | None
-    webhook_secret: str
-    modelslab_api_key: str
+    api_tokens: tuple[str, ...] = field(repr=False)
+    callback_secret: str = field(repr=False)
+    callback_secret_previous: str | None = field(repr=False)
+    webhook_secret: str = field(repr=False)
+    modelslab_api_key: str = field(repr=False)
     modelslab_base_url: str
     storage_url: str
     s3_endpoint_url: str | None
@@ -167,6 +176,12 @@ class Settings:
     ratelimit_storage_url: str
     log_level: str
     generated_tokens: bool = field(default=False)
+    metrics_token: str | None = field(default=None, repr=False)
+    worker_metrics_port: int | None = None
+    worker_metrics_host: str = "0.0.0.0"
+    sentry_dsn: str | None = field(default=None, repr=False)
+    sentry_environment: str | None = None
+    sentry_traces_sample_rate: float = 0.0
 
     @property
     def production(self) -> bool:
@@ -243,4 +258,25 @@ class Settings:
             ratelimit=str(config["RATELIMIT"]),
             ratelimit_storage_url=str(config["RATELIMIT_STORAGE_URL"]),
             log_level=str(config["LOG_LEVEL"]).upper(),
+            metrics_token=config.get("METRICS_TOKEN") or None,
+            worker_metrics_port=(
+                int(config["WORKER_METRICS_PORT"]) if config.get("WORKER_METRICS_PORT") else None
+            ),
+            worker_metrics_host=str(config.get("WORKER_METRICS_HOST") or "0.0.0.0"),
+            **_sentry_settings(config),
         )
+
+
+def _sentry_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Read ``SENTRY_*`` from the mapping, else from the (unprefixed) environment."""
+    values = {key: config.get(key) or os.environ.get(key) or None for key in SENTRY_KEYS}
+    rate = values["SENTRY_TRACES_SAMPLE_RATE"]
+    try:
+        traces = float(rate) if rate is not None else 0.0
+    except ValueError:
+        raise ConfigError(f"SENTRY_TRACES_SAMPLE_RATE must be a number, got {rate!r}") from None
+    return {
+        "sentry_dsn": values["SENTRY_DSN"],
+        "sentry_environment": values["SENTRY_ENVIRONMENT"],
+        "sentry_traces_sample_rate": traces,
+    }

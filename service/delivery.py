@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.extension import Services
+from service.metrics import record_delivery, record_subscription_disabled
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
 from service.notifiers import render_message
 from service.notifiers.policy import AttemptResult, next_attempt_delay, send
+from service.queue import ClaimedDelivery, claim_deliveries
 
 log = logging.getLogger("motionhook.delivery")
 
@@ -37,13 +45,100 @@ def active_secrets(sub: Subscription, now: datetime) -> list[str]:
 
 
 def disable_subscription(sub: Subscription, reason: str, now: datetime) -> None:
+    record_subscription_disabled(sub.kind)
     sub.enabled = False
     sub.disabled_reason = reason[:500]
     sub.updated_at = now
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a delivery thread needs to send one delivery, read when it was claimed."""
+
+    kind: str
+    url: str
+    envelope: dict[str, Any]
+    secrets: list[str]
+
+
+@dataclass
+class _Settlement:
+    """One attempt waiting to be written; ``done`` once a batch holding it committed."""
+
+    delivery_id: str
+    result: AttemptResult
+    done: bool = False
+    error: BaseException | None = None
+    logged: dict[str, Any] = field(default_factory=dict)
+
+
+def _lock_subscriptions(session: Session, ids: Iterable[str]) -> dict[str, Subscription]:
+    """Load and lock subscriptions in id order (no deadlocks between workers).
+
+    ``FOR NO KEY UPDATE`` on PostgreSQL: it still serializes pacing and failure
+    bookkeeping, but does not block ``web`` inserting deliveries that reference the
+    row (a foreign key check takes ``KEY SHARE``).
+    """
+    wanted = sorted(ids)
+    if not wanted:
+        return {}
+    query = (
+        select(Subscription)
+        .where(Subscription.id.in_(wanted))
+        .order_by(Subscription.id)
+        .with_for_update(key_share=True)
+    )
+    return {sub.id: sub for sub in session.scalars(query)}
+
+
+def _failed(reason: str, now: datetime) -> dict[str, Any]:
+    """The columns of a delivery that failed for good."""
+    return {
+        "status": FAILED,
+        "last_error": reason[:1000],
+        "lease_owner": None,
+        "due_at": None,
+        "updated_at": now,
+    }
+
+
+def _set_aside(session: Session, delivery_id: str, **values: Any) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _plain_success(result: AttemptResult) -> bool:
+    return result.outcome.result == DELIVERED and result.pacing <= 0
+
+
+def _attempt_log(
+    item: _Settlement, subscription_id: str | None, job_id: str | None
+) -> dict[str, Any]:
+    result = item.result
+    return {
+        "delivery_id": item.delivery_id,
+        "outcome": result.outcome.result,
+        "http_status": result.status,
+        "latency_ms": round(result.latency_ms, 1),
+        "subscription_id": subscription_id,
+        "job_id": job_id,
+    }
+
+
 class Deliverer:
-    """Sends claimed deliveries; one instance per worker, shared by its threads."""
+    """Claims, sends and settles deliveries; one instance per worker, shared by its threads.
+
+    The database work is batched, because it, not the HTTP, is what limits fan-out:
+    one transaction claims a batch and reads everything needed to send it (events,
+    subscriptions, pacing), and attempts are settled by group commit: a thread that
+    finishes while another is writing queues its result, and the next writer takes
+    every queued result in one transaction. ``deliver`` still returns only once its
+    own attempt is committed, so a delivery is either settled or still leased.
+    """
 
     def __init__(self, services: Services, session: requests.Session, owner: str) -> None:
         self.services = services
@@ -52,73 +147,254 @@ class Deliverer:
         self.http = session
         self.owner = owner
         self.rng = random.Random()
+        self._claimed: dict[str, Prepared] = {}
+        self._claimed_lock = threading.Lock()
+        self._settling = threading.Condition()
+        self._queue: list[_Settlement] = []
+        self._writing = False
+
+    def claim(self, limit: int) -> list[str]:
+        """Lease up to ``limit`` due deliveries and prepare them; return the sendable ids.
+
+        Deliveries whose subscription is gone or disabled fail here, and paced ones
+        (Slack 1/s, Discord's rate limit) are put back until their slot, as one send
+        would; neither is returned.
+        """
+        now = utcnow()
+        ready: dict[str, Prepared] = {}
+        with self.db.transaction() as session:
+            claimed = claim_deliveries(
+                session,
+                self.db,
+                owner=self.owner,
+                lease=self.settings.delivery_lease,
+                limit=limit,
+                now=now,
+            )
+            if not claimed:
+                return []
+            for delivery_id, prepared in self._prepare_batch(session, claimed, now).items():
+                if prepared is not None:
+                    ready[delivery_id] = prepared
+        with self._claimed_lock:
+            self._claimed.update(ready)
+        return list(ready)
 
     def deliver(self, delivery_id: str) -> None:
         """Make one attempt at a claimed delivery and settle it."""
-        prepared = self._prepare(delivery_id)
+        with self._claimed_lock:
+            prepared = self._claimed.pop(delivery_id, None)
+        if prepared is None:
+            prepared = self._prepare(delivery_id)
         if prepared is None:
             return
-        kind, url, envelope, secrets = prepared
-        message = render_message(kind, envelope, secrets=secrets)
+        message = render_message(prepared.kind, prepared.envelope, secrets=prepared.secrets)
         result = send(
             self.http,
-            url,
+            prepared.url,
             message,
-            kind=kind,
+            kind=prepared.kind,
             timeout=self.settings.delivery_timeout,
             now=lambda: datetime.now(UTC),
         )
+        record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
         self._settle(delivery_id, result)
 
-    def _prepare(self, delivery_id: str) -> tuple[str, str, dict[str, Any], list[str]] | None:
+    def _prepare(self, delivery_id: str) -> Prepared | None:
+        """Prepare one delivery leased to us outside :meth:`claim`."""
         now = utcnow()
         with self.db.transaction() as session:
-            delivery = session.get(Delivery, delivery_id)
-            if delivery is None or delivery.status != PENDING or delivery.lease_owner != self.owner:
-                return None
-            event = session.get(Event, delivery.event_id)
-            assert event is not None
-            if delivery.subscription_id is None:
-                return (
-                    delivery.kind,
-                    delivery.target_url or "",
-                    event.payload,
-                    [self.settings.webhook_secret],
+            row = session.execute(
+                select(
+                    Delivery.id,
+                    Delivery.event_id,
+                    Delivery.subscription_id,
+                    Delivery.kind,
+                    Delivery.target_url,
+                ).where(
+                    Delivery.id == delivery_id,
+                    Delivery.status == PENDING,
+                    Delivery.lease_owner == self.owner,
                 )
-            sub = session.get(Subscription, delivery.subscription_id, with_for_update=True)
+            ).first()
+            if row is None:
+                return None
+            return self._prepare_batch(session, [ClaimedDelivery(*row)], now)[delivery_id]
+
+    def _prepare_batch(
+        self, session: Session, claimed: list[ClaimedDelivery], now: datetime
+    ) -> dict[str, Prepared | None]:
+        """Decide for each claimed delivery: send it (Prepared), fail it, or wait for pacing."""
+        events = select(Event.id, Event.payload).where(
+            Event.id.in_({item.event_id for item in claimed})
+        )
+        payloads: dict[str, dict[str, Any]] = {
+            event_id: payload for event_id, payload in session.execute(events).tuples()
+        }
+        subs = _lock_subscriptions(
+            session, {item.subscription_id for item in claimed if item.subscription_id}
+        )
+        decided: dict[str, Prepared | None] = {}
+        for item in claimed:
+            payload = payloads[item.event_id]
+            if item.subscription_id is None:
+                decided[item.id] = Prepared(
+                    item.kind, item.target_url or "", payload, [self.settings.webhook_secret]
+                )
+                continue
+            sub = subs.get(item.subscription_id)
+            decided[item.id] = None
             if sub is None or not sub.enabled:
                 reason = (
                     "subscription deleted"
                     if sub is None
                     else (f"subscription disabled: {sub.disabled_reason or 'by request'}")
                 )
-                self._fail(delivery, reason, now)
-                return None
-            if sub.next_send_at is not None and sub.next_send_at > now:
+                _set_aside(session, item.id, **_failed(reason, now))
+            elif sub.next_send_at is not None and sub.next_send_at > now:
                 # Paced (Slack 1/s, Discord's rate limit): wait for the slot, no attempt.
-                delivery.due_at = sub.next_send_at
-                delivery.lease_owner = None
-                return None
-            if sub.kind == "slack":
-                sub.next_send_at = now + timedelta(seconds=SLACK_PACE)
-            return sub.kind, sub.url, event.payload, active_secrets(sub, now)
+                _set_aside(session, item.id, due_at=sub.next_send_at, lease_owner=None)
+            else:
+                if sub.kind == "slack":
+                    sub.next_send_at = now + timedelta(seconds=SLACK_PACE)
+                decided[item.id] = Prepared(sub.kind, sub.url, payload, active_secrets(sub, now))
+        return decided
 
     def _fail(self, delivery: Delivery, reason: str, now: datetime) -> None:
-        delivery.status = FAILED
-        delivery.last_error = reason[:1000]
-        delivery.lease_owner = None
-        delivery.due_at = None
-        delivery.updated_at = now
+        for name, value in _failed(reason, now).items():
+            setattr(delivery, name, value)
 
     def _settle(self, delivery_id: str, result: AttemptResult) -> None:
-        now = utcnow()
-        with self.db.transaction() as session:
-            delivery = session.get(Delivery, delivery_id, with_for_update=True)
-            if delivery is None:
+        """Record the attempt and its outcome; return once that is committed (group commit)."""
+        mine = _Settlement(delivery_id, result)
+        with self._settling:
+            self._queue.append(mine)
+            while self._writing and not mine.done:
+                self._settling.wait()
+            if mine.done:
+                batch: list[_Settlement] = []
+            else:
+                self._writing = True
+                batch, self._queue = self._queue, []
+        if batch:
+            failure: BaseException | None = None
+            try:
+                self._write(batch)
+            except BaseException as exc:
+                failure = exc
+            finally:
+                with self._settling:
+                    for item in batch:
+                        item.error = item.error or failure
+                        item.done = True
+                    self._writing = False
+                    self._settling.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        if mine.logged:  # empty when the delivery was deleted meanwhile
+            log.info("delivery attempt", extra=mine.logged)
+
+    def _write(self, batch: list[_Settlement]) -> None:
+        """Settle a batch in one transaction, or each on its own if the batch fails."""
+        try:
+            self._settle_batch(batch)
+        except SQLAlchemyError:
+            if len(batch) == 1:
+                batch[0].error = sys.exc_info()[1]
                 return
+            log.warning("settling %d deliveries together failed; one by one", len(batch))
+            for item in batch:
+                try:
+                    self._settle_batch([item])
+                except SQLAlchemyError as exc:
+                    item.error = exc
+
+    def _settle_batch(self, batch: list[_Settlement]) -> None:
+        now = utcnow()
+        plain = [item for item in batch if _plain_success(item.result)]
+        others = [item for item in batch if not _plain_success(item.result)]
+        with self.db.transaction() as session:
+            if plain:
+                self._settle_delivered(session, plain, now)
+            if others:
+                self._settle_others(session, others, now)
+
+    def _settle_delivered(self, session: Session, batch: list[_Settlement], now: datetime) -> None:
+        """Settle plain successes (the common case) in three statements, however many."""
+        found: dict[str, tuple[str | None, str | None]] = {}
+        by_status: dict[int | None, list[str]] = {}
+        for item in batch:
+            by_status.setdefault(item.result.status, []).append(item.delivery_id)
+        for status, ids in by_status.items():
+            rows = session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(sorted(ids)))
+                .values(
+                    status=DELIVERED,
+                    delivered_at=now,
+                    due_at=None,
+                    lease_owner=None,
+                    last_error=None,
+                    attempt_count=Delivery.attempt_count + 1,
+                    last_status_code=status,
+                    updated_at=now,
+                )
+                .returning(Delivery.id, Delivery.subscription_id, Delivery.job_id)
+                .execution_options(synchronize_session=False)
+            ).tuples()
+            found.update({row[0]: (row[1], row[2]) for row in rows})
+        settled = [item for item in batch if item.delivery_id in found]
+        if not settled:
+            return
+        session.execute(
+            insert(DeliveryAttempt),
+            [
+                {
+                    "delivery_id": item.delivery_id,
+                    "attempted_at": now,
+                    "status_code": item.result.status,
+                    "latency_ms": round(item.result.latency_ms, 2),
+                    "error": item.result.error,
+                    "response_excerpt": item.result.response_excerpt,
+                    "outcome": DELIVERED,
+                }
+                for item in settled
+            ],
+        )
+        succeeded = sorted({sub for sub, _job in found.values() if sub})
+        if succeeded:
+            session.execute(
+                update(Subscription)
+                .where(Subscription.id.in_(succeeded), Subscription.failing_since.is_not(None))
+                .values(failing_since=None)
+                .execution_options(synchronize_session=False)
+            )
+        for item in settled:
+            sub_id, job_id = found[item.delivery_id]
+            item.logged = _attempt_log(item, sub_id, job_id)
+
+    def _settle_others(self, session: Session, batch: list[_Settlement], now: datetime) -> None:
+        """Settle retries, failures and paced successes: they need the rows themselves."""
+        deliveries = {
+            delivery.id: delivery
+            for delivery in session.scalars(
+                select(Delivery)
+                .where(Delivery.id.in_(sorted({item.delivery_id for item in batch})))
+                .order_by(Delivery.id)
+                .with_for_update()
+            )
+        }
+        subs = _lock_subscriptions(
+            session, {d.subscription_id for d in deliveries.values() if d.subscription_id}
+        )
+        for item in batch:
+            delivery = deliveries.get(item.delivery_id)
+            if delivery is None:
+                continue
+            result = item.result
             session.add(
                 DeliveryAttempt(
-                    delivery_id=delivery_id,
+                    delivery_id=delivery.id,
                     attempted_at=now,
                     status_code=result.status,
                     latency_ms=round(result.latency_ms, 2),
@@ -130,23 +406,9 @@ class Deliverer:
             delivery.attempt_count += 1
             delivery.last_status_code = result.status
             delivery.updated_at = now
-            sub = (
-                session.get(Subscription, delivery.subscription_id, with_for_update=True)
-                if delivery.subscription_id
-                else None
-            )
+            sub = subs.get(delivery.subscription_id) if delivery.subscription_id else None
             self._apply_outcome(session, delivery, sub, result, now)
-        log.info(
-            "delivery attempt",
-            extra={
-                "delivery_id": delivery_id,
-                "outcome": result.outcome.result,
-                "http_status": result.status,
-                "latency_ms": round(result.latency_ms, 1),
-                "subscription_id": delivery.subscription_id,
-                "job_id": delivery.job_id,
-            },
-        )
+            item.logged = _attempt_log(item, delivery.subscription_id, delivery.job_id)
 
     def _apply_outcome(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import socket
 import tempfile
 import threading
@@ -104,7 +105,7 @@ def describe_bytes(head: bytes, declared: str | None) -> str:
     if not head:
         return "an empty body"
     if declared:
-        return f"unknown data served as {declared.split(';')[0].strip()}"
+        return f"unknown data served as {declared.split(';')[0].strip()[:60]}"
     return "unknown data"
 
 
@@ -196,20 +197,28 @@ class _Watchdog:
     def __init__(self, response: requests.Response, seconds: float) -> None:
         self.response = response
         self.fired = threading.Event()
-        self.timer = threading.Timer(max(seconds, 0.0), self._abort)
-        self.timer.daemon = True
-        self.timer.start()
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(max(seconds, 0.0), self._abort)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _abort(self) -> None:
-        self.fired.set()
-        connection = getattr(self.response.raw, "connection", None)
-        sock = getattr(connection, "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            if self._done:
+                return
+            self.fired.set()
+            with contextlib.suppress(OSError, ValueError):
+                # A duplicate of the descriptor: shutdown() acts on the shared connection.
+                sock = socket.socket(fileno=os.dup(self.response.raw.fileno()))
+                with sock:
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def cancel(self) -> None:
-        self.timer.cancel()
+        """Stop the timer; once this returns the socket is never touched again."""
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
 
     @staticmethod
     def error(timeout: float) -> DownloadError:

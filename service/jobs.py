@@ -105,16 +105,17 @@ def job_resource(job: Job, media_url: MediaUrl) -> dict[str, Any]:
     outputs = []
     for item in job.outputs or []:
         stored = bool(item.get("key"))
-        outputs.append(
-            {
-                "url": media_url(item["key"]) if stored else None,
-                "source_url": item.get("source_url"),
-                "content_type": item.get("content_type"),
-                "bytes": item.get("bytes"),
-                "sha256": item.get("sha256"),
-                "stored": stored,
-            }
-        )
+        output = {
+            "url": media_url(item["key"]) if stored else None,
+            "source_url": item.get("source_url"),
+            "content_type": item.get("content_type"),
+            "bytes": item.get("bytes"),
+            "sha256": item.get("sha256"),
+            "stored": stored,
+        }
+        if not stored:
+            output["error"] = item.get("error") or ("pruned" if item.get("pruned_at") else None)
+        outputs.append(output)
     job_input = dict(job.input)
     if job_input.get("image_key"):
         job_input["init_image"] = media_url(job_input.pop("image_key"))
@@ -219,6 +220,7 @@ def apply_upstream_result(
     result: UpstreamResult,
     *,
     callback_grace: float,
+    job_timeout: float,
     media_url: MediaUrl,
 ) -> str:
     """Apply one ModelsLab answer to a locked job row; return applied/duplicate/ignored."""
@@ -267,10 +269,12 @@ def apply_upstream_result(
         job.upstream_status = PROCESSING
         job.submitted_at = job.submitted_at or now
         job.updated_at = now
-        eta = job.eta or 0.0
-        enqueue_task(
-            session, db, "reconcile", job.id, now + timedelta(seconds=eta + callback_grace)
+        # First fetch after eta + grace, but never later than the job's timeout.
+        first_fetch = min(
+            now + timedelta(seconds=(job.eta or 0.0) + callback_grace),
+            job.created_at + timedelta(seconds=job_timeout),
         )
+        enqueue_task(session, db, "reconcile", job.id, first_fetch)
         emit_job_event(session, db, "job.processing", job, job_resource(job, media_url))
         return APPLIED
     return IGNORED

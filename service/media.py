@@ -110,26 +110,29 @@ def _signature_problem(settings: Any, key: str, now: float) -> str | None:
     return None
 
 
-def _byte_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
-    """Resolve a Range header to ``(start, end_inclusive)``.
+class RangeNotSatisfiable(Exception):
+    """The request's single byte range lies wholly outside the object."""
 
-    Returns None to serve the whole object (no header, a malformed one, several
-    ranges or another unit, all of which RFC 9110 lets a server ignore) and False
-    when the single byte range cannot be satisfied.
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """Resolve a Range header to ``(start, end_inclusive)`` within an object of ``size`` bytes.
+
+    Returns None to serve the whole object: no header, a malformed one, several
+    ranges or another unit, all of which RFC 9110 lets a server ignore. Raises
+    RangeNotSatisfiable when the one byte range cannot be met. Unlike werkzeug's
+    ``Range.range_for_length``, a suffix longer than the object means all of it.
     """
     parsed = parse_range_header(header)
     if parsed is None or parsed.units != "bytes" or len(parsed.ranges) != 1:
         return None
     start, stop = parsed.ranges[0]
-    if stop is None and start < 0:
-        # Suffix range: the last -start bytes, or everything when the object is shorter.
-        start = max(size + start, 0)
-        stop = size
-    elif stop is None:
+    if stop is None:
+        if start < 0:
+            start = max(size + start, 0)
         stop = size
     stop = min(stop, size)
-    if start >= size or start >= stop:
-        return False
+    if start >= stop:
+        raise RangeNotSatisfiable
     return start, stop - 1
 
 
@@ -181,18 +184,20 @@ def serve_media(key: str) -> Response:
         return Response(status=304, headers=headers)
 
     span = None
+    # An If-Range naming an older version means "send it all", not a range of it.
     if _if_range_allows(stored):
-        span = _byte_range(request.headers.get("Range"), stored.size)
-    if span is False:
-        return _error(
-            416,
-            "Range Not Satisfiable",
-            f"requested range is outside the object ({stored.size} bytes)",
-            {"Content-Range": f"bytes */{stored.size}", "Accept-Ranges": "bytes"},
-        )
+        try:
+            span = byte_range(request.headers.get("Range"), stored.size)
+        except RangeNotSatisfiable:
+            return _error(
+                416,
+                "Range Not Satisfiable",
+                f"requested range is outside the object ({stored.size} bytes)",
+                {"Content-Range": f"bytes */{stored.size}", "Accept-Ranges": "bytes"},
+            )
     status = 200
     start, end = 0, stored.size - 1
-    if isinstance(span, tuple):
+    if span is not None:
         status = 206
         start, end = span
         headers["Content-Range"] = f"bytes {start}-{end}/{stored.size}"

@@ -10,7 +10,8 @@ LOCKED`` so many workers never take the same row; SQLite has one writer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -57,23 +58,47 @@ def claim_tasks(
     return tasks
 
 
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery just leased to us: what is needed to prepare and send it."""
+
+    id: str
+    event_id: str
+    subscription_id: str | None
+    kind: str
+    target_url: str | None
+
+
 def claim_deliveries(
     session: Session, db: Database, *, owner: str, lease: float, limit: int, now: datetime
-) -> list[Delivery]:
-    """Lease up to ``limit`` due pending deliveries to ``owner``."""
-    query = (
-        select(Delivery)
+) -> list[ClaimedDelivery]:
+    """Lease up to ``limit`` due pending deliveries to ``owner``, in one statement.
+
+    ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING``: one round
+    trip, and no ORM objects, since a worker claims thousands of these a second.
+    """
+    due = (
+        select(Delivery.id)
         .where(Delivery.status == PENDING, Delivery.due_at <= now)
         .order_by(Delivery.due_at)
         .limit(limit)
     )
     if not db.is_sqlite:
-        query = query.with_for_update(skip_locked=True)
-    deliveries = list(session.scalars(query))
-    for delivery in deliveries:
-        delivery.due_at = now + timedelta(seconds=lease)
-        delivery.lease_owner = owner
-    return deliveries
+        due = due.with_for_update(skip_locked=True)
+    claim = (
+        update(Delivery)
+        .where(Delivery.id.in_(due.scalar_subquery()))
+        .values(due_at=now + timedelta(seconds=lease), lease_owner=owner)
+        .returning(
+            Delivery.id,
+            Delivery.event_id,
+            Delivery.subscription_id,
+            Delivery.kind,
+            Delivery.target_url,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return [ClaimedDelivery(*row) for row in session.execute(claim).tuples()]
 
 
 def release_claims(
@@ -99,19 +124,23 @@ def release_claims(
 
 def next_due(session: Session) -> datetime | None:
     """Return when the earliest task or pending delivery comes due."""
+    candidates = [due for due in next_due_by_queue(session).values() if due is not None]
+    return min(candidates) if candidates else None
+
+
+def next_due_by_queue(session: Session) -> dict[str, datetime | None]:
+    """Return when the earliest task, and the earliest pending delivery, come due."""
     task_due = session.scalar(select(func.min(Task.due_at)))
     delivery_due = session.scalar(
         select(func.min(Delivery.due_at)).where(Delivery.status == PENDING)
     )
-    candidates = [d for d in (task_due, delivery_due) if d is not None]
-    if not candidates:
-        return None
-    earliest = min(candidates)
-    # func.min bypasses the column type on SQLite and returns naive or text values.
-    if isinstance(earliest, str):
-        earliest = datetime.fromisoformat(earliest)
-    if earliest.tzinfo is None:
-        from datetime import UTC
+    return {"task": _aware(task_due), "delivery": _aware(delivery_due)}
 
-        earliest = earliest.replace(tzinfo=UTC)
-    return earliest
+
+def _aware(value: datetime | str | None) -> datetime | None:
+    # func.min bypasses the column type on SQLite and returns naive or text values.
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

@@ -19,6 +19,7 @@ import requests
 from marshmallow import ValidationError
 
 from schemas.upstream import FAILED, UPSTREAM_RESPONSE, UpstreamResult
+from service.metrics import record_upstream
 
 RESULT, REJECTED, RETRY = "result", "rejected", "retry"
 PERMANENT_HTTP = frozenset({400, 401, 402, 403, 404, 405, 413, 422})
@@ -64,11 +65,15 @@ class UpstreamClient:
 
     def submit(self, params: dict[str, Any]) -> UpstreamAnswer:
         """POST an img2video request; ``params`` must not contain the key."""
-        return self._post("/video/img2video", {"key": self.api_key, **params})
+        answer = self._post("/video/img2video", {"key": self.api_key, **params})
+        record_upstream("submit", answer)
+        return answer
 
     def fetch(self, upstream_id: str) -> UpstreamAnswer:
         """POST to the fetch endpoint for a job ModelsLab knows as ``upstream_id``."""
-        return self._post(f"/video/fetch/{upstream_id}", {"key": self.api_key})
+        answer = self._post(f"/video/fetch/{upstream_id}", {"key": self.api_key})
+        record_upstream("fetch", answer)
+        return answer
 
     def _scrub(self, text: str) -> str:
         return text.replace(self.api_key, "[redacted]") if self.api_key else text

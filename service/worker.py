@@ -35,8 +35,10 @@ from service.jobs import (
     complete_job,
     fail_job,
 )
+from service.metrics import HEARTBEAT
 from service.models import Job, Task, utcnow
-from service.queue import claim_deliveries, claim_tasks, next_due, release_claims
+from service.observability import bind, flush_all
+from service.queue import claim_tasks, next_due, next_due_by_queue, release_claims
 from service.upstream import REJECTED, RESULT, UpstreamClient
 
 log = logging.getLogger("motionhook.worker")
@@ -52,6 +54,13 @@ def backoff(schedule: tuple[float, ...], attempt: int, retry_after: float | None
     """Delay before retry number ``attempt`` (1-based), with ±20% jitter."""
     base = schedule[min(attempt, len(schedule)) - 1] * random.uniform(0.8, 1.2)
     return max(base, retry_after or 0.0)
+
+
+def work_context(kind: str, item: Any) -> dict[str, str]:
+    """Log and error context of a work item: the job of a task, the id of a delivery."""
+    if kind == "task":
+        return {"job_id": item[2], "track_id": item[2]}
+    return {"delivery_id": str(item)}
 
 
 def upstream_params(job: Job, services: Services) -> dict[str, Any]:
@@ -98,6 +107,12 @@ class Worker:
         self.delivery_slots = threading.BoundedSemaphore(self.settings.delivery_threads * 2)
         self.in_flight: dict[Future[None], tuple[str, Any]] = {}
         self.lock = threading.Lock()
+        # When to look at each queue next (monotonic; None: nothing was due, ask the
+        # database when something will be). A NOTIFY means new work: look at once.
+        self.check_at: dict[str, float | None] = {"task": 0.0, "delivery": 0.0}
+        self.blocked = {"task": False, "delivery": False}
+        self.notified = threading.Event()
+        self.abandoned = 0
         from service.delivery import Deliverer
 
         self.deliverer = Deliverer(services, self.outbound, self.owner)
@@ -110,6 +125,10 @@ class Worker:
             threading.Thread(target=self._listen, name="listen", daemon=True).start()
         log.info("worker started", extra={"owner": self.owner})
         while not self.stopping.is_set():
+            HEARTBEAT.beat()
+            if self.notified.is_set():
+                self.notified.clear()
+                self.check_at = {"task": 0.0, "delivery": 0.0}
             claimed = self._claim_tasks() + self._claim_deliveries()
             if claimed:
                 continue
@@ -128,16 +147,37 @@ class Worker:
         return due is None or due > utcnow()
 
     def _wait(self) -> None:
-        timeout = IDLE_WAIT
-        with self.db.transaction() as session:
-            due = next_due(session)
-        if due is not None:
-            timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
+        """Sleep until work may be claimable: a wake-up, or when the next row comes due.
+
+        The database is asked when the next row comes due only after a queue ran dry,
+        not on every pass: under load the loop runs once per finished delivery.
+        """
+        now = time.monotonic()
+        if self.db.is_sqlite or None in self.check_at.values():
+            with self.db.transaction() as session:
+                due = next_due_by_queue(session)
+            for kind, at in self.check_at.items():
+                if at is None or self.db.is_sqlite:
+                    wait, when = IDLE_WAIT, due[kind]
+                    if when is not None:
+                        wait = min(wait, max(0.0, (when - utcnow()).total_seconds()))
+                    self.check_at[kind] = now + wait
+        # A queue whose slots are all busy waits for a finished item (which wakes us).
+        ready = [
+            at for kind, at in self.check_at.items() if at is not None and not self.blocked[kind]
+        ]
+        timeout = min([IDLE_WAIT, *(max(0.0, at - now) for at in ready)])
         if self.db.is_sqlite:
             # Another process's commit cannot signal us on SQLite: poll briefly.
             timeout = min(timeout, SQLITE_POLL)
         self.wake.wait(timeout)
         self.wake.clear()
+
+    def _due_now(self, kind: str) -> bool:
+        if self.db.is_sqlite:
+            return True  # no notifications between processes: always look
+        at = self.check_at[kind]
+        return at is not None and at <= time.monotonic()
 
     def _listen(self) -> None:
         """Turn PostgreSQL notifications into wake-ups (reconnecting on failure)."""
@@ -151,8 +191,11 @@ class Worker:
                 with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {WAKEUP_CHANNEL}")
                     self.wake.set()
+                    self.notified.set()
+                    self.wake.set()
                     while not self.stopping.is_set():
                         for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self.notified.set()
                             self.wake.set()
             except psycopg.Error:
                 log.warning("lost the LISTEN connection; reconnecting")
@@ -165,8 +208,12 @@ class Worker:
         return free
 
     def _claim_tasks(self) -> int:
+        self.blocked["task"] = False
+        if not self._due_now("task"):
+            return 0
         free = self._claim(self.task_slots, self.settings.task_threads)
         if not free:
+            self.blocked["task"] = True
             return 0
         with self.db.transaction() as session:
             tasks = claim_tasks(
@@ -182,26 +229,31 @@ class Worker:
             ]
         for _ in range(free - len(claimed)):
             self.task_slots.release()
+        if len(claimed) < free:
+            self.check_at["task"] = None
         for item in claimed:
             self._start(self.task_pool, self.task_slots, "task", item, self._run_task)
         return len(claimed)
 
     def _claim_deliveries(self) -> int:
-        free = self._claim(self.delivery_slots, self.settings.delivery_threads * 2)
-        if not free:
+        self.blocked["delivery"] = False
+        if not self._due_now("delivery"):
             return 0
-        with self.db.transaction() as session:
-            deliveries = claim_deliveries(
-                session,
-                self.db,
-                owner=self.owner,
-                lease=self.settings.delivery_lease,
-                limit=free,
-                now=utcnow(),
-            )
-            ids = [delivery.id for delivery in deliveries]
+        slots = self.settings.delivery_threads * 2
+        free = self._claim(self.delivery_slots, slots)
+        if free < slots and free < max(1, self.settings.delivery_threads // 2):
+            # Deliveries are in flight: claim in batches when more slots are free, as a
+            # claim is a transaction (one per finished delivery would cost more than it).
+            for _ in range(free):
+                self.delivery_slots.release()
+            self.blocked["delivery"] = True
+            return 0
+        # Claimed and prepared in one transaction; see Deliverer.claim.
+        ids = self.deliverer.claim(free)
         for _ in range(free - len(ids)):
             self.delivery_slots.release()
+        if len(ids) < free:
+            self.check_at["delivery"] = None
         for delivery_id in ids:
             self._start(
                 self.delivery_pool,
@@ -220,7 +272,13 @@ class Worker:
         item: Any,
         fn: Any,
     ) -> None:
-        future: Future[None] = pool.submit(fn, item)
+        context = work_context(kind, item)
+
+        def run(value: Any) -> None:
+            with bind(**context):
+                fn(value)
+
+        future: Future[None] = pool.submit(run, item)
         with self.lock:
             self.in_flight[future] = (kind, item)
 
@@ -229,11 +287,12 @@ class Worker:
                 self.in_flight.pop(fut, None)
             slots.release()
             if not fut.cancelled() and fut.exception() is not None:
-                log.error(
-                    "work failed",
-                    exc_info=fut.exception(),
-                    extra={"work_kind": kind, "item": str(item)[:80]},
-                )
+                with bind(**context):
+                    log.error(
+                        "work failed",
+                        exc_info=fut.exception(),
+                        extra={"work_kind": kind, "item": str(item)[:80]},
+                    )
             self.wake.set()
 
         future.add_done_callback(done)
@@ -261,6 +320,9 @@ class Worker:
             release_claims(session, self.owner, task_ids, delivery_ids)
         self.task_pool.shutdown(wait=False, cancel_futures=True)
         self.delivery_pool.shutdown(wait=False, cancel_futures=True)
+        # Work still running past the grace period was handed back above; its threads
+        # may sit in a network call for a while yet, so run_worker must not wait for them.
+        self.abandoned = len(unfinished)
         log.info("worker stopped", extra={"released": len(task_ids) + len(delivery_ids)})
 
     # -- job tasks -----------------------------------------------------
@@ -320,6 +382,7 @@ class Worker:
                     job,
                     answer.result,
                     callback_grace=self.settings.callback_grace,
+                    job_timeout=self.settings.job_timeout,
                     media_url=media_url,
                 )
                 record_fetch(
@@ -357,6 +420,14 @@ class Worker:
         outputs: list[dict[str, Any]] = []
         past_deadline = utcnow() - created > timedelta(seconds=self.settings.download_deadline)
         for index, url in enumerate(urls):
+            # A download may take download_timeout, longer than the claim's lease: hold the
+            # task for that long, so no other worker starts the same download meanwhile.
+            with self.db.transaction() as session:
+                task = self._owned_task(session, task_id)
+                if task is None:
+                    return  # our lease ran out and another worker has taken the task over
+                hold = self.settings.download_timeout + self.settings.task_lease
+                task.due_at = utcnow() + timedelta(seconds=hold)
             try:
                 stored = download_output(
                     self.outbound,
@@ -376,6 +447,18 @@ class Worker:
                 log.error("output not stored", extra={"job_id": job_id, "reason": exc.reason})
                 outputs.append({"source_url": url, "error": exc.reason})
                 continue
+            except Exception as exc:
+                # Storage trouble (disk full, S3 down): retry until the deadline like a 404.
+                reason = f"storage failed: {type(exc).__name__}"
+                log.exception("storing an output failed", extra={"job_id": job_id})
+                if past_deadline:
+                    outputs.append({"source_url": url, "error": reason})
+                    continue
+                with self.db.transaction() as session:
+                    self._retry_task(
+                        session, task_id, backoff(DOWNLOAD_BACKOFF, attempts), reason
+                    )
+                return
             outputs.append(
                 {
                     "key": stored.key,
@@ -423,6 +506,7 @@ class Worker:
                     job,
                     answer.result,
                     callback_grace=self.settings.callback_grace,
+                    job_timeout=self.settings.job_timeout,
                     media_url=media_url,
                 )
                 record_fetch(
@@ -455,3 +539,8 @@ def run_worker(services: Services, *, once: bool = False) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     worker.run(once=once)
+    if worker.abandoned:
+        # Threads stuck past the deadline would keep the interpreter alive at exit
+        # (executor threads are joined); their leases are released: leave now.
+        flush_all()
+        os._exit(0)

@@ -138,6 +138,7 @@ def test_callback_before_submit_response_wins(
             job,
             late_submit,
             callback_grace=600,
+            job_timeout=7200,
             media_url=services.media_url,
         )
     assert outcome == "duplicate"

@@ -222,6 +222,13 @@ def test_if_range_with_another_etag_serves_the_whole_object(client: FlaskClient)
     assert response.data == BODY
 
 
+def test_if_range_with_another_etag_ignores_an_unsatisfiable_range(client: FlaskClient) -> None:
+    response = client.get(_path(), headers={"Range": "bytes=9000-", "If-Range": '"stale"'})
+
+    assert response.status_code == 200
+    assert response.data == BODY
+
+
 def test_if_range_with_the_current_etag_serves_the_range(client: FlaskClient) -> None:
     etag = f'"{hashlib.sha256(BODY).hexdigest()}"'
 
@@ -349,18 +356,26 @@ def test_traversal_without_signature_is_refused(client: FlaskClient) -> None:
 # -- S3: redirect to a presigned URL ----------------------------------------
 
 
-@pytest.fixture
-def s3_storage(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Storage]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="media")
-    yield S3Storage("media", "", endpoint_url=endpoint)
+    yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Storage]:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    admin = boto3.client("s3", endpoint_url=s3_endpoint)
+    admin.create_bucket(Bucket="media")
+    yield S3Storage("media", "", endpoint_url=s3_endpoint)
+    for item in admin.list_objects_v2(Bucket="media").get("Contents", []):
+        admin.delete_object(Bucket="media", Key=item["Key"])
+    admin.delete_bucket(Bucket="media")
 
 
 def test_s3_media_redirects_to_a_presigned_url(s3_storage: S3Storage) -> None:

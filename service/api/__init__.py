@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from flask_smorest import Api as SmorestApi
 from werkzeug.exceptions import HTTPException
 
@@ -28,6 +28,10 @@ API_SETTINGS = {
         },
     },
 }
+
+
+API_MIMETYPES = frozenset({"application/json", "text/plain"})
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
 
 
 def _flatten(errors: Any, prefix: str = "") -> list[str]:
@@ -73,12 +77,21 @@ def add_security_headers(response: Response) -> Response:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("Referrer-Policy", "no-referrer")
+    if response.mimetype in API_MIMETYPES:
+        # Data, never a document: nothing in it may load, run or be framed.
+        response.headers.setdefault("Content-Security-Policy", API_CSP)
+    if request.path.startswith("/v1/"):
+        # Answers may hold secrets (a subscription's whsec_ on create): no caching.
+        response.headers.setdefault("Cache-Control", "no-store")
+    if request.is_secure:
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
     return response
 
 
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
-    from service.api import callbacks, deliveries, health, jobs, subscriptions
+    from service.api import callbacks, deliveries, health, jobs, metrics, subscriptions
+    from service.api.ratelimit import init_limiter
     from service.media import media_bp
 
     for key, value in API_SETTINGS.items():
@@ -90,6 +103,8 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(deliveries.blp)
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
+    api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)
+    init_limiter(app, app.extensions["motionhook"].settings)
     app.after_request(add_security_headers)
     return api

@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 from service.api.errors import abort
 from service.callbacks import receive_callback, verify_callback_token
 from service.extension import services
+from service.metrics import record_callback
 
 blp = Blueprint(
     "callbacks",
@@ -31,14 +32,17 @@ def modelslab_callback(track_id: str) -> tuple[dict[str, Any], int]:
     settings = svc.settings
     secrets = (settings.callback_secret, settings.callback_secret_previous)
     if not verify_callback_token(secrets, track_id, request.args.get("sig")):
+        record_callback("rejected")
         abort(401, message="callback signature (sig) is missing or invalid")
     outcome = receive_callback(
         svc.db,
         track_id,
         request.get_data(cache=False),
         callback_grace=settings.callback_grace,
+        job_timeout=settings.job_timeout,
         media_url=svc.media_url,
     )
+    record_callback(outcome.outcome)
     if outcome.http_status >= 400:
         abort(outcome.http_status, message=outcome.message)
     return {"received": True, "outcome": outcome.outcome}, outcome.http_status

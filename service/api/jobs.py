@@ -57,6 +57,9 @@ def _invalid(field: str, message: str) -> None:
 def _read_body() -> tuple[dict[str, Any], bytes | None]:
     """Return the raw parameters and the uploaded image bytes, if any."""
     if request.mimetype == "multipart/form-data":
+        # werkzeug names a part None when its Content-Disposition name is malformed.
+        if None in request.form or None in request.files:
+            abort(400, message="multipart body has a part without a valid name")
         form: dict[str, Any] = request.form.to_dict()
         for name in JSON_FIELDS_IN_FORMS:
             if name in form:

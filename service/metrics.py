@@ -1,0 +1,387 @@
+"""Prometheus metrics: counters where things happen, gauges read from the database.
+
+Counters and histograms are incremented by the process that does the work (web:
+callbacks and HTTP requests; worker: upstream calls and deliveries). Gauges about
+the state of the system (jobs by status, queue depth, oldest due item, disabled
+subscriptions) are computed at scrape time by :class:`DatabaseCollector`, so every
+web process reports the same, correct numbers however many processes there are.
+
+Under gunicorn several processes serve ``/metrics``; with ``PROMETHEUS_MULTIPROC_DIR``
+set (``deploy/gunicorn.conf.py`` sets it) each process writes its counters to that
+folder and a scrape adds them up. The worker serves its own ``/metrics`` (and
+``/healthz``, ``/readyz``) on ``MOTIONHOOK_WORKER_METRICS_PORT``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import false, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.models import Delivery, Job, Subscription, Task, utcnow
+
+if TYPE_CHECKING:
+    from service.db import Database
+    from service.extension import Services
+    from service.upstream import UpstreamAnswer
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+JOB_STATUSES = ("queued", "processing", "completed", "failed")
+TASK_KINDS = ("submit", "download", "reconcile")
+CHANNELS = ("webhook", "slack", "discord")
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# One ``*_created`` series per labelled child doubles the series count for no use here.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+UPSTREAM_REQUESTS = Counter(
+    "motionhook_upstream_requests",
+    "Calls to ModelsLab by operation (submit, fetch) and outcome (result, rejected, retry).",
+    ["operation", "outcome"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "motionhook_upstream_request_duration_seconds",
+    "Time ModelsLab took to answer, by operation.",
+    ["operation"],
+    buckets=LATENCY_BUCKETS,
+)
+CALLBACKS = Counter(
+    "motionhook_callbacks_received",
+    "ModelsLab callbacks by outcome: applied, duplicate, ignored (late), malformed, "
+    "mismatch, unknown_job, rejected (bad or missing sig).",
+    ["outcome"],
+)
+DELIVERIES = Counter(
+    "motionhook_delivery_attempts",
+    "Delivery attempts by channel (webhook, slack, discord) and outcome "
+    "(delivered, retry, failed, permanent).",
+    ["channel", "outcome"],
+)
+DELIVERY_LATENCY = Histogram(
+    "motionhook_delivery_duration_seconds",
+    "Time one delivery attempt took, by channel.",
+    ["channel"],
+    buckets=LATENCY_BUCKETS,
+)
+SUBSCRIPTIONS_DISABLED = Counter(
+    "motionhook_subscription_disablements",
+    "Subscriptions disabled by the delivery policy (permanent failure or failing too long).",
+    ["channel"],
+)
+HTTP_REQUESTS = Counter(
+    "motionhook_http_requests",
+    "HTTP requests served by the web process, by method, route and status code.",
+    ["method", "route", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "motionhook_http_request_duration_seconds",
+    "Time the web process took to answer, by route.",
+    ["route"],
+    buckets=HTTP_BUCKETS,
+)
+
+
+def record_upstream(operation: str, answer: UpstreamAnswer) -> None:
+    UPSTREAM_REQUESTS.labels(operation, answer.kind).inc()
+    UPSTREAM_LATENCY.labels(operation).observe(answer.latency)
+
+
+def record_callback(outcome: str) -> None:
+    CALLBACKS.labels(outcome).inc()
+
+
+def record_delivery(channel: str, outcome: str, latency_seconds: float) -> None:
+    DELIVERIES.labels(channel, outcome).inc()
+    DELIVERY_LATENCY.labels(channel).observe(latency_seconds)
+
+
+def record_subscription_disabled(channel: str) -> None:
+    SUBSCRIPTIONS_DISABLED.labels(channel).inc()
+
+
+def record_http(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_LATENCY.labels(route).observe(seconds)
+
+
+def _as_utc(value: Any) -> datetime | None:
+    """``func.min`` bypasses the column type on SQLite: accept text and naive values."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _pairs(rows: Iterable[Any]) -> dict[Any, Any]:
+    """Turn ``(key, value)`` rows into a dict (a ``Result`` is not a mapping)."""
+    return {row[0]: row[1] for row in rows}
+
+
+class DatabaseCollector:
+    """Gauges computed from the database at scrape time (right across every process)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily(
+            "motionhook_database_up", "1 when the database answered the metrics queries."
+        )
+        try:
+            families = self._query()
+        except SQLAlchemyError:
+            up.add_metric([], 0)
+            families = []
+        else:
+            up.add_metric([], 1)
+        yield up
+        yield from families
+        took = GaugeMetricFamily(
+            "motionhook_metrics_query_duration_seconds",
+            "Time the database gauges took to compute in this scrape.",
+        )
+        took.add_metric([], time.perf_counter() - started)
+        yield took
+
+    def _query(self) -> list[Metric]:
+        now = utcnow()
+        jobs = GaugeMetricFamily("motionhook_jobs", "Jobs by status.", labels=["status"])
+        oldest_job = GaugeMetricFamily(
+            "motionhook_job_oldest_age_seconds",
+            "Age of the oldest job still queued or processing (0 when none).",
+            labels=["status"],
+        )
+        depth = GaugeMetricFamily(
+            "motionhook_queue_depth",
+            "Work items due now and waiting for a worker, by queue and kind.",
+            labels=["queue", "kind"],
+        )
+        oldest_due = GaugeMetricFamily(
+            "motionhook_queue_oldest_due_age_seconds",
+            "How long the oldest due work item has waited for a worker (0 when none).",
+            labels=["queue", "kind"],
+        )
+        pending = GaugeMetricFamily(
+            "motionhook_queue_pending",
+            "All unfinished work items: due, leased to a worker, or scheduled for a retry.",
+            labels=["queue", "kind"],
+        )
+        disabled = GaugeMetricFamily(
+            "motionhook_subscriptions_disabled",
+            "Subscriptions currently disabled, by channel.",
+            labels=["channel"],
+        )
+        with self.db.transaction() as session:
+            by_status = _pairs(
+                session.execute(select(Job.status, func.count()).group_by(Job.status))
+            )
+            job_ages = _pairs(
+                session.execute(
+                    select(Job.status, func.min(Job.created_at))
+                    .where(Job.status.in_(("queued", "processing")))
+                    .group_by(Job.status)
+                )
+            )
+            task_due = {
+                kind: (count, oldest)
+                for kind, count, oldest in session.execute(
+                    select(Task.kind, func.count(), func.min(Task.due_at))
+                    .where(Task.due_at <= now)
+                    .group_by(Task.kind)
+                )
+            }
+            task_all = _pairs(session.execute(select(Task.kind, func.count()).group_by(Task.kind)))
+            pending_deliveries = Delivery.status == "pending"
+            delivery_due = {
+                kind: (count, oldest)
+                for kind, count, oldest in session.execute(
+                    select(Delivery.kind, func.count(), func.min(Delivery.due_at))
+                    .where(pending_deliveries, Delivery.due_at <= now)
+                    .group_by(Delivery.kind)
+                )
+            }
+            delivery_all = _pairs(
+                session.execute(
+                    select(Delivery.kind, func.count())
+                    .where(pending_deliveries)
+                    .group_by(Delivery.kind)
+                )
+            )
+            disabled_by_kind = _pairs(
+                session.execute(
+                    select(Subscription.kind, func.count())
+                    .where(Subscription.enabled == false())
+                    .group_by(Subscription.kind)
+                )
+            )
+        for status in sorted(set(JOB_STATUSES) | set(by_status)):
+            jobs.add_metric([status], by_status.get(status, 0))
+        for status in ("queued", "processing"):
+            created = _as_utc(job_ages.get(status))
+            oldest_job.add_metric([status], (now - created).total_seconds() if created else 0.0)
+        queues: list[tuple[str, Iterable[str], dict[str, Any], dict[str, Any]]] = [
+            ("tasks", TASK_KINDS, task_due, task_all),
+            ("deliveries", CHANNELS, delivery_due, delivery_all),
+        ]
+        for queue, kinds, due, every in queues:
+            for kind in sorted(set(kinds) | set(due) | set(every)):
+                count, oldest = due.get(kind, (0, None))
+                since = _as_utc(oldest)
+                depth.add_metric([queue, kind], count)
+                age = max(0.0, (now - since).total_seconds()) if since else 0.0
+                oldest_due.add_metric([queue, kind], age)
+                pending.add_metric([queue, kind], every.get(kind, 0))
+        for channel in sorted(set(CHANNELS) | set(disabled_by_kind)):
+            disabled.add_metric([channel], disabled_by_kind.get(channel, 0))
+        return [jobs, oldest_job, depth, oldest_due, pending, disabled]
+
+
+class _ProcessRegistry:
+    """Forward this process's own metrics (default registry) into a scrape registry."""
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        return REGISTRY.collect()
+
+
+def exposition(db: Database | None) -> bytes:
+    """Render every metric of this process (or of all processes sharing the multiproc dir)."""
+    registry = CollectorRegistry()
+    if os.environ.get(MULTIPROC_ENV):
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_ProcessRegistry())
+    if db is not None:
+        registry.register(DatabaseCollector(db))
+    return generate_latest(registry)
+
+
+def token_allows(expected: str | None, authorization: str | None) -> bool:
+    """With ``MOTIONHOOK_METRICS_TOKEN`` set, require it as a bearer token (constant time)."""
+    if not expected:
+        return True
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        expected.encode(), token.strip().encode()
+    )
+
+
+# -- the worker's own small HTTP endpoint ---------------------------------------
+
+
+class Heartbeat:
+    """The worker's main loop beats every iteration; liveness checks its age."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._last = clock()
+
+    def beat(self) -> None:
+        self._last = self.clock()
+
+    def age(self) -> float:
+        return self.clock() - self._last
+
+
+HEARTBEAT = Heartbeat()
+# The main loop waits at most a second between beats; a minute of silence means stuck.
+HEARTBEAT_STALE = 60.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        """Probes and scrapes every few seconds would drown the logs."""
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def worker_wsgi_app(services: Services, heartbeat: Heartbeat = HEARTBEAT) -> WsgiApp:
+    """``/metrics``, ``/healthz`` (main loop alive) and ``/readyz`` for the worker process."""
+    from service.api.health import readiness
+
+    settings = services.settings
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            if not token_allows(settings.metrics_token, environ.get("HTTP_AUTHORIZATION")):
+                return _json(
+                    start_response,
+                    401,
+                    {
+                        "code": 401,
+                        "status": "Unauthorized",
+                        "message": "metrics need the metrics token",
+                    },
+                )
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [exposition(None)]
+        if path == "/healthz":
+            age = heartbeat.age()
+            alive = age < HEARTBEAT_STALE
+            body = {"status": "ok" if alive else "stuck", "loop_age_seconds": round(age, 3)}
+            return _json(start_response, 200 if alive else 503, body)
+        if path == "/readyz":
+            status = readiness(services.db)
+            return _json(start_response, 200 if status["ready"] else 503, status)
+        return _json(
+            start_response,
+            404,
+            {"code": 404, "status": "Not Found", "message": "try /metrics, /healthz or /readyz"},
+        )
+
+    return app
+
+
+def _json(start_response: Callable[..., Any], code: int, body: dict[str, Any]) -> list[bytes]:
+    from http import HTTPStatus
+
+    data = json.dumps(body).encode()
+    start_response(
+        f"{code} {HTTPStatus(code).phrase}",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+    )
+    return [data]
+
+
+def start_worker_server(services: Services, host: str, port: int) -> WSGIServer:
+    """Serve the worker's metrics and probes from a daemon thread; return the server."""
+    server = make_server(host, port, worker_wsgi_app(services), _ThreadingServer, _QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return server
