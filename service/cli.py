@@ -63,6 +63,7 @@ def worker(once: bool) -> None:
 def dev(port: int, simulator_port: int) -> None:
     """Run web + worker + the ModelsLab simulator on SQLite (what `make run` does)."""
     import os
+    import signal
     import time
     from pathlib import Path
 
@@ -107,6 +108,11 @@ Then watch it complete (about two seconds):
 Ctrl-C stops everything.
 """
     )
+    def stop_on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # The children run in their own sessions: make SIGTERM stop them too.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         while all(process.popen.poll() is None for process in stack.processes):
             time.sleep(0.5)

@@ -52,9 +52,18 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """Run one unit of work: commit on success, roll back on any error."""
+    def transaction(self, *, durable: bool = True) -> Iterator[Session]:
+        """Run one unit of work: commit on success, roll back on any error.
+
+        ``durable=False`` lets PostgreSQL acknowledge the commit before its WAL is
+        flushed to disk (``synchronous_commit = off``, this transaction only). Only
+        for bookkeeping whose loss in a database crash is harmless: a lost lease
+        or delivery outcome means the delivery is sent again, which at-least-once
+        delivery allows. Never for state a client or ModelsLab was told about.
+        """
         with self.sessions() as session, session.begin():
+            if not durable and not self.is_sqlite:
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             yield session
 
     def notify(self, session: Session) -> None:

@@ -13,12 +13,12 @@ import random
 import sys
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import requests
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -35,7 +35,7 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 SLACK_PACE = 1.0
 
 
-def active_secrets(sub: Subscription, now: datetime) -> list[str]:
+def active_secrets(sub: Subscription | _Target, now: datetime) -> list[str]:
     """The subscription's secret, plus the previous one while its 24 h overlap lasts."""
     secrets = [sub.secret] if sub.secret else []
     expires = sub.previous_secret_expires_at
@@ -91,6 +91,66 @@ def _lock_subscriptions(session: Session, ids: Iterable[str]) -> dict[str, Subsc
     return {sub.id: sub for sub in session.scalars(query)}
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The columns of a subscription that preparing a delivery reads."""
+
+    id: str
+    kind: str
+    url: str
+    enabled: bool
+    disabled_reason: str | None
+    next_send_at: datetime | None
+    secret: str | None
+    previous_secret: str | None
+    previous_secret_expires_at: datetime | None
+
+
+# Statements of the hot path, built once (Core: no ORM objects for thousands a second).
+DELIVERIES = cast(Table, Delivery.__table__)
+EVENTS = cast(Table, Event.__table__)
+SUBSCRIPTIONS = cast(Table, Subscription.__table__)
+ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
+EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload).where(
+    EVENTS.c.id.in_(bindparam("ids", expanding=True))
+)
+LOCK_TARGETS = (
+    select(*(SUBSCRIPTIONS.c[name] for name in _Target.__dataclass_fields__))
+    .where(SUBSCRIPTIONS.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(SUBSCRIPTIONS.c.id)
+    .with_for_update(key_share=True)
+)
+PACE = (
+    update(SUBSCRIPTIONS)
+    .where(SUBSCRIPTIONS.c.id == bindparam("sub_id"))
+    .values(next_send_at=bindparam("pace_until"))
+)
+SETTLE_DELIVERED = (
+    update(DELIVERIES)
+    .where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        status=DELIVERED,
+        delivered_at=bindparam("settled_at"),
+        due_at=None,
+        lease_owner=None,
+        last_error=None,
+        attempt_count=DELIVERIES.c.attempt_count + 1,
+        last_status_code=bindparam("code"),
+        updated_at=bindparam("settled_at"),
+    )
+    .returning(DELIVERIES.c.id, DELIVERIES.c.subscription_id, DELIVERIES.c.job_id)
+)
+INSERT_ATTEMPTS = insert(ATTEMPTS)
+CLEAR_FAILING = (
+    update(SUBSCRIPTIONS)
+    .where(
+        SUBSCRIPTIONS.c.id.in_(bindparam("ids", expanding=True)),
+        SUBSCRIPTIONS.c.failing_since.is_not(None),
+    )
+    .values(failing_since=None)
+)
+
+
 def _failed(reason: str, now: datetime) -> dict[str, Any]:
     """The columns of a delivery that failed for good."""
     return {
@@ -103,11 +163,8 @@ def _failed(reason: str, now: datetime) -> dict[str, Any]:
 
 
 def _set_aside(session: Session, delivery_id: str, **values: Any) -> None:
-    session.execute(
-        update(Delivery)
-        .where(Delivery.id == delivery_id)
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    session.connection().execute(
+        update(DELIVERIES).where(DELIVERIES.c.id == delivery_id).values(**values)
     )
 
 
@@ -162,7 +219,7 @@ class Deliverer:
         """
         now = utcnow()
         ready: dict[str, Prepared] = {}
-        with self.db.transaction() as session:
+        with self.db.transaction(durable=False) as session:
             claimed = claim_deliveries(
                 session,
                 self.db,
@@ -225,14 +282,18 @@ class Deliverer:
         self, session: Session, claimed: list[ClaimedDelivery], now: datetime
     ) -> dict[str, Prepared | None]:
         """Decide for each claimed delivery: send it (Prepared), fail it, or wait for pacing."""
-        events = select(Event.id, Event.payload).where(
-            Event.id.in_({item.event_id for item in claimed})
-        )
+        connection = session.connection()
         payloads: dict[str, dict[str, Any]] = {
-            event_id: payload for event_id, payload in session.execute(events).tuples()
+            event_id: payload
+            for event_id, payload in connection.execute(
+                EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+            ).tuples()
         }
-        subs = _lock_subscriptions(
-            session, {item.subscription_id for item in claimed if item.subscription_id}
+        wanted = sorted({item.subscription_id for item in claimed if item.subscription_id})
+        targets = (
+            {row.id: _Target(*row) for row in connection.execute(LOCK_TARGETS, {"ids": wanted})}
+            if wanted
+            else {}
         )
         decided: dict[str, Prepared | None] = {}
         for item in claimed:
@@ -242,7 +303,7 @@ class Deliverer:
                     item.kind, item.target_url or "", payload, [self.settings.webhook_secret]
                 )
                 continue
-            sub = subs.get(item.subscription_id)
+            sub = targets.get(item.subscription_id)
             decided[item.id] = None
             if sub is None or not sub.enabled:
                 reason = (
@@ -256,7 +317,9 @@ class Deliverer:
                 _set_aside(session, item.id, due_at=sub.next_send_at, lease_owner=None)
             else:
                 if sub.kind == "slack":
-                    sub.next_send_at = now + timedelta(seconds=SLACK_PACE)
+                    paced = now + timedelta(seconds=SLACK_PACE)
+                    connection.execute(PACE, {"sub_id": sub.id, "pace_until": paced})
+                    targets[sub.id] = replace(sub, next_send_at=paced)
                 decided[item.id] = Prepared(sub.kind, sub.url, payload, active_secrets(sub, now))
         return decided
 
@@ -313,7 +376,8 @@ class Deliverer:
         now = utcnow()
         plain = [item for item in batch if _plain_success(item.result)]
         others = [item for item in batch if not _plain_success(item.result)]
-        with self.db.transaction() as session:
+        # Not durable: losing this in a database crash only means sending again.
+        with self.db.transaction(durable=False) as session:
             if plain:
                 self._settle_delivered(session, plain, now)
             if others:
@@ -321,33 +385,21 @@ class Deliverer:
 
     def _settle_delivered(self, session: Session, batch: list[_Settlement], now: datetime) -> None:
         """Settle plain successes (the common case) in three statements, however many."""
+        connection = session.connection()
         found: dict[str, tuple[str | None, str | None]] = {}
         by_status: dict[int | None, list[str]] = {}
         for item in batch:
             by_status.setdefault(item.result.status, []).append(item.delivery_id)
         for status, ids in by_status.items():
-            rows = session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_(sorted(ids)))
-                .values(
-                    status=DELIVERED,
-                    delivered_at=now,
-                    due_at=None,
-                    lease_owner=None,
-                    last_error=None,
-                    attempt_count=Delivery.attempt_count + 1,
-                    last_status_code=status,
-                    updated_at=now,
-                )
-                .returning(Delivery.id, Delivery.subscription_id, Delivery.job_id)
-                .execution_options(synchronize_session=False)
-            ).tuples()
+            rows = connection.execute(
+                SETTLE_DELIVERED, {"ids": sorted(ids), "settled_at": now, "code": status}
+            )
             found.update({row[0]: (row[1], row[2]) for row in rows})
         settled = [item for item in batch if item.delivery_id in found]
         if not settled:
             return
-        session.execute(
-            insert(DeliveryAttempt),
+        connection.execute(
+            INSERT_ATTEMPTS,
             [
                 {
                     "delivery_id": item.delivery_id,
@@ -363,12 +415,7 @@ class Deliverer:
         )
         succeeded = sorted({sub for sub, _job in found.values() if sub})
         if succeeded:
-            session.execute(
-                update(Subscription)
-                .where(Subscription.id.in_(succeeded), Subscription.failing_since.is_not(None))
-                .values(failing_since=None)
-                .execution_options(synchronize_session=False)
-            )
+            connection.execute(CLEAR_FAILING, {"ids": succeeded})
         for item in settled:
             sub_id, job_id = found[item.delivery_id]
             item.logged = _attempt_log(item, sub_id, job_id)

@@ -73,7 +73,9 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter | None:
         storage_uri=settings.ratelimit_storage_url,
         headers_enabled=True,
         key_prefix=str(app.config.get("RATELIMIT_KEY_PREFIX") or "motionhook"),
-        # A rate-limit store that is down must not take the API down with it.
+        # A rate-limit store that is down must not take the API down with it: count in
+        # this process until it is back (flask-limiter probes it with backoff).
+        in_memory_fallback_enabled=True,
         swallow_errors=True,
     )
     limiter.request_filter(_exempt)
