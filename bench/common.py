@@ -229,6 +229,27 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (a gunicorn master and its workers)."""
+    total = 0.0
+    for member in [pid, *child_pids(pid)]:
+        with contextlib.suppress(OSError):
+            total += process_cpu_seconds(member)
+    return total
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL server process on this machine (0 if none is local)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if (entry / "comm").read_text().strip() == "postgres":
+                total += process_cpu_seconds(int(entry.name))
+    return total
+
+
 def wait_for(predicate: Any, *, timeout: float, interval: float = 0.1, what: str) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout

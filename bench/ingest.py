@@ -12,10 +12,12 @@ lost callback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +25,17 @@ import psycopg
 from sqlalchemy import bindparam, func, select
 
 from bench.charts import CEILING, MOTIONHOOK, figure, save, target_line
-from bench.common import CALLBACK_SECRET, ROOT, Scale, database_url, log, stack, write_result
+from bench.common import (
+    CALLBACK_SECRET,
+    ROOT,
+    Scale,
+    database_url,
+    log,
+    postgres_cpu_seconds,
+    stack,
+    tree_cpu_seconds,
+    write_result,
+)
 from bench.loadgen import Call, LoadResult, have_wrk, run_load
 from service.callbacks import callback_token
 from service.db import Database
@@ -107,6 +119,31 @@ def success_callback(job_id: str, upstream_id: int) -> Call:
     }
     path = f"/v1/callbacks/modelslab/{job_id}?sig={callback_token(CALLBACK_SECRET, job_id)}"
     return Call(path, json.dumps(body, separators=(",", ":")).encode())
+
+
+class CpuMeter:
+    """CPU used by a gunicorn process tree and by PostgreSQL while a block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.web = self.database = 0.0
+
+    def per(self, requests: int) -> dict[str, float]:
+        """CPU milliseconds per request: the web processes, and PostgreSQL (all of it)."""
+        count = max(1, requests)
+        return {
+            "web_cpu_ms_per_request": round(self.web * 1000 / count, 3),
+            "postgres_cpu_ms_per_request": round(self.database * 1000 / count, 3),
+        }
+
+
+@contextlib.contextmanager
+def cpu_meter(pid: int) -> Iterator[CpuMeter]:
+    meter = CpuMeter(pid)
+    web, database = tree_cpu_seconds(pid), postgres_cpu_seconds()
+    yield meter
+    meter.web = tree_cpu_seconds(pid) - web
+    meter.database = postgres_cpu_seconds() - database
 
 
 def gunicorn_settings() -> dict[str, Any]:
@@ -198,19 +235,23 @@ def run(scale: Scale) -> dict[str, Any]:
         log.info("ingest: inserting %d processing jobs", total)
         jobs = insert_processing_jobs(url, total)
         calls = [success_callback(job_id, upstream_id) for job_id, upstream_id in jobs]
-        running.start_web()
-        _ceiling, ceiling_url = start_ceiling(running)
+        web = running.start_web()
+        ceiling, ceiling_url = start_ceiling(running)
         log.info("ingest: warming up both apps for %.0f s each", warmup)
         run_load(running.web_url, calls[:per_level], connections=HEADLINE, seconds=warmup)
         run_load(ceiling_url, calls[:per_level], connections=HEADLINE, seconds=warmup)
         rows: dict[str, list[dict[str, Any]]] = {"motionhook": [], "ceiling": []}
         for number, connections in enumerate(levels, start=1):
             mine = calls[number * per_level : (number + 1) * per_level]
-            ours = run_load(running.web_url, mine, connections=connections, seconds=seconds)
+            with cpu_meter(web.popen.pid) as ours_cpu:
+                ours = run_load(running.web_url, mine, connections=connections, seconds=seconds)
             check = verify(url, jobs[number * per_level : (number + 1) * per_level], ours)
-            rows["motionhook"].append({**ours.as_dict(), **check, "wrapped": ours.wrapped})
-            theirs = run_load(ceiling_url, mine, connections=connections, seconds=seconds)
-            rows["ceiling"].append(theirs.as_dict())
+            rows["motionhook"].append(
+                {**ours.as_dict(), **check, "wrapped": ours.wrapped, **ours_cpu.per(ours.answered)}
+            )
+            with cpu_meter(ceiling.popen.pid) as theirs_cpu:
+                theirs = run_load(ceiling_url, mine, connections=connections, seconds=seconds)
+            rows["ceiling"].append({**theirs.as_dict(), **theirs_cpu.per(theirs.answered)})
             log.info(
                 "ingest c=%d: motionhook %.0f/s p50 %.1f p99 %.1f ms lost %d | "
                 "ceiling %.0f/s p50 %.1f p99 %.1f ms",

@@ -112,6 +112,11 @@ class Worker:
         self.check_at: dict[str, float | None] = {"task": 0.0, "delivery": 0.0}
         self.blocked = {"task": False, "delivery": False}
         self.notified = threading.Event()
+        self.deliveries_in_flight = 0
+        # Claim deliveries once at most this many are in flight (a batch's worth free).
+        self.delivery_refill_at = (
+            self.settings.delivery_threads * 2 - max(1, self.settings.delivery_threads // 2)
+        )
         self.abandoned = 0
         from service.delivery import Deliverer
 
@@ -241,7 +246,7 @@ class Worker:
             return 0
         slots = self.settings.delivery_threads * 2
         free = self._claim(self.delivery_slots, slots)
-        if free < slots and free < max(1, self.settings.delivery_threads // 2):
+        if free < slots and free < slots - self.delivery_refill_at:
             # Deliveries are in flight: claim in batches when more slots are free, as a
             # claim is a transaction (one per finished delivery would cost more than it).
             for _ in range(free):
@@ -281,10 +286,19 @@ class Worker:
         future: Future[None] = pool.submit(run, item)
         with self.lock:
             self.in_flight[future] = (kind, item)
+            if kind == "delivery":
+                self.deliveries_in_flight += 1
 
         def done(fut: Future[None]) -> None:
             with self.lock:
                 self.in_flight.pop(fut, None)
+                if kind == "delivery":
+                    self.deliveries_in_flight -= 1
+                    # Wake the claim loop only once a batch can be claimed (see
+                    # _claim_deliveries), not for every delivery that finishes.
+                    worth_waking = self.deliveries_in_flight <= self.delivery_refill_at
+                else:
+                    worth_waking = True
             slots.release()
             if not fut.cancelled() and fut.exception() is not None:
                 with bind(**context):
@@ -293,7 +307,8 @@ class Worker:
                         exc_info=fut.exception(),
                         extra={"work_kind": kind, "item": str(item)[:80]},
                     )
-            self.wake.set()
+            if worth_waking:
+                self.wake.set()
 
         future.add_done_callback(done)
 
