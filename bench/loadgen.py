@@ -296,3 +296,74 @@ def _run_python(base_url: str, calls: list[Call], connections: int, seconds: flo
         in_flight=in_flight,
         wrapped=bool(counters["wrapped"]),
     )
+
+
+def run_paced(
+    base_url: str, calls: list[Call], *, rate: float, seconds: float, connections: int = 16
+) -> LoadResult:
+    """POST ``calls`` at a fixed ``rate`` (open loop) for ``seconds``; Python generator.
+
+    Latency is measured from when each request was due, not from when a
+    connection was free to send it, so a slow server cannot hide its queueing
+    (no coordinated omission). Request ``i`` is ``calls[i]``.
+    """
+    parts = urlsplit(base_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    headers = {"Content-Type": "application/json"}
+    total = min(len(calls), int(rate * seconds))
+    lock = threading.Lock()
+    cursor = [0]
+    latencies: list[float] = []
+    acknowledged: list[int] = []
+    counters = {"non_2xx": 0, "errors": 0}
+    begin = time.perf_counter() + 0.1
+
+    def drive() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        while True:
+            with lock:
+                index = cursor[0]
+                cursor[0] += 1
+            if index >= total:
+                break
+            due = begin + index / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            call = calls[index]
+            try:
+                conn.request("POST", call.path, body=call.body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException):
+                with lock:
+                    counters["errors"] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=10)
+                continue
+            elapsed = (time.perf_counter() - due) * 1000
+            with lock:
+                latencies.append(elapsed)
+                if 200 <= response.status < 300:
+                    acknowledged.append(index)
+                else:
+                    counters["non_2xx"] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=drive, daemon=True) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - begin
+    return LoadResult(
+        tool=f"python, open loop at {rate:.0f}/s",
+        connections=connections,
+        seconds=elapsed,
+        answered=len(latencies),
+        non_2xx=counters["non_2xx"],
+        socket_errors=counters["errors"],
+        latency_ms=distribution(latencies),
+        acknowledged=acknowledged,
+        in_flight=[],
+    )

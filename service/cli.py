@@ -108,6 +108,7 @@ Then watch it complete (about two seconds):
 Ctrl-C stops everything.
 """
     )
+
     def stop_on_sigterm(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 

@@ -19,6 +19,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 WAKEUP_CHANNEL = "motionhook_work"
+NOTIFIED = "motionhook.notified"
+NOTIFY = text("SELECT pg_notify(:channel, '')")
 
 
 def normalize_url(url: str) -> str:
@@ -67,11 +69,15 @@ class Database:
             yield session
 
     def notify(self, session: Session) -> None:
-        """Wake workers once this transaction commits."""
+        """Wake workers once this transaction commits (once, however often it is asked)."""
+        transaction = session.get_transaction()
+        if session.info.get(NOTIFIED) is transaction:
+            return  # one wake-up per transaction is enough, and a statement less
+        session.info[NOTIFIED] = transaction
         if self.is_sqlite:
             event.listen(session, "after_commit", lambda _s: self.local_wakeup.set(), once=True)
         else:
-            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": WAKEUP_CHANNEL})
+            session.connection().execute(NOTIFY, {"channel": WAKEUP_CHANNEL})
 
     def dispose(self) -> None:
         self.engine.dispose()

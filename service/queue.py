@@ -9,39 +9,72 @@ LOCKED`` so many workers never take the same row; SQLite has one writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, Update, bindparam, delete, func, select, update
+from sqlalchemy import Insert, Table, Update, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.models import Delivery, Task, utcnow
 
 PENDING = "pending"
+TASKS = cast(Table, Task.__table__)
+
+
+def _upsert_task(insert: Any) -> Insert:
+    upsert = insert(TASKS)
+    return cast(
+        Insert,
+        upsert.on_conflict_do_update(
+            index_elements=[TASKS.c.job_id, TASKS.c.kind],
+            set_={"due_at": upsert.excluded.due_at, "lease_owner": None},
+        ),
+    )
+
+
+# Built once: these run in every callback and every state change.
+UPSERT_TASK = {"postgresql": _upsert_task(postgresql_insert), "sqlite": _upsert_task(sqlite_insert)}
+DELETE_TASKS = delete(TASKS).where(TASKS.c.job_id == bindparam("job"))
+DELETE_TASKS_EXCEPT = DELETE_TASKS.where(TASKS.c.kind.not_in(bindparam("keep", expanding=True)))
 
 
 def enqueue_task(session: Session, db: Database, kind: str, job_id: str, due_at: datetime) -> None:
-    """Schedule ``kind`` work for a job (one per job and kind) and wake the workers."""
-    existing = session.scalars(select(Task).where(Task.job_id == job_id, Task.kind == kind)).first()
-    if existing is None:
-        session.add(Task(kind=kind, job_id=job_id, due_at=due_at, attempts=0))
-    else:
-        existing.due_at = due_at
-        existing.lease_owner = None
-    if due_at <= utcnow() + timedelta(seconds=1):
+    """Schedule ``kind`` work for a job (one per job and kind) and wake the workers.
+
+    One upsert on the (job, kind) unique key: an existing task is rescheduled and
+    its lease dropped, else a new one is inserted.
+    """
+    now = utcnow()
+    session.connection().execute(
+        UPSERT_TASK["sqlite" if db.is_sqlite else "postgresql"],
+        {"kind": kind, "job_id": job_id, "due_at": due_at, "attempts": 0, "created_at": now},
+    )
+    _forget_tasks(session, job_id, lambda task: task.kind == kind)
+    if due_at <= now + timedelta(seconds=1):
         db.notify(session)
 
 
 def cancel_tasks(session: Session, job_id: str, *, keep: Iterable[str]) -> None:
     """Delete a job's pending tasks except the kinds in ``keep``."""
-    query = delete(Task).where(Task.job_id == job_id)
-    kept = tuple(keep)
+    kept = list(keep)
+    session.flush()  # pending changes first, as the ORM's autoflush would
     if kept:
-        query = query.where(Task.kind.not_in(kept))
-    session.execute(query)
+        session.connection().execute(DELETE_TASKS_EXCEPT, {"job": job_id, "keep": kept})
+    else:
+        session.connection().execute(DELETE_TASKS, {"job": job_id})
+    _forget_tasks(session, job_id, lambda task: task.kind not in kept)
+
+
+def _forget_tasks(session: Session, job_id: str, which: Callable[[Task], bool]) -> None:
+    """Expire tasks this session holds that the SQL above changed behind the ORM's back."""
+    for item in list(session.identity_map.values()):
+        if isinstance(item, Task) and item.job_id == job_id and which(item):
+            session.expire(item)
 
 
 def claim_tasks(

@@ -114,8 +114,8 @@ class Worker:
         self.notified = threading.Event()
         self.deliveries_in_flight = 0
         # Claim deliveries once at most this many are in flight (a batch's worth free).
-        self.delivery_refill_at = (
-            self.settings.delivery_threads * 2 - max(1, self.settings.delivery_threads // 2)
+        self.delivery_refill_at = self.settings.delivery_threads * 2 - max(
+            1, self.settings.delivery_threads // 2
         )
         self.abandoned = 0
         from service.delivery import Deliverer
@@ -470,9 +470,7 @@ class Worker:
                     outputs.append({"source_url": url, "error": reason})
                     continue
                 with self.db.transaction() as session:
-                    self._retry_task(
-                        session, task_id, backoff(DOWNLOAD_BACKOFF, attempts), reason
-                    )
+                    self._retry_task(session, task_id, backoff(DOWNLOAD_BACKOFF, attempts), reason)
                 return
             outputs.append(
                 {
