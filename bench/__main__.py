@@ -2,7 +2,8 @@
 
 With no name every benchmark runs, in the order above. ``--quick`` shrinks the
 counts and durations for a smoke run (its numbers are not the published ones);
-``--charts`` only redraws the PNGs from the JSON results already written.
+``--charts`` only redraws the PNGs from the JSON results already written, and
+``--report`` prints the results table of docs/PERFORMANCE.md from them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--charts", action="store_true", help="redraw charts from results")
+    parser.add_argument("--report", action="store_true", help="print the results table")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     names = args.names or list(BENCHMARKS)
+    if args.report:
+        from bench.report import summary
+
+        sys.stdout.write(summary() + "\n")
+        return 0
     scale = Scale(QUICK if args.quick else 1.0)
     failed: list[str] = []
     for name in names:

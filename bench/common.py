@@ -80,6 +80,9 @@ def bench_env(database_url: str, **extra: str) -> dict[str, str]:
         "MOTIONHOOK_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "MOTIONHOOK_API_TOKENS": TOKEN,
         "MOTIONHOOK_ALLOW_PRIVATE_TARGETS": "1",
+        # The per-token API rate limit (600/minute) protects a real deployment; the
+        # benchmarks submit thousands of jobs with one token.
+        "MOTIONHOOK_RATELIMIT": "1000000/minute",
         **extra,
     }
 

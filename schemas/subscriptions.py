@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, fields, validate
+from datetime import UTC, datetime
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from schemas.jobs import EVENT_TYPES
 
@@ -64,11 +66,21 @@ class SubscriptionListSchema(Schema):
     items = fields.List(fields.Nested(SubscriptionSchema))
 
 
+def _representable(value: datetime) -> None:
+    """Refuse instants that cannot be stored as UTC (e.g. year 1 with a positive offset)."""
+    try:
+        in_utc = value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError("is out of range") from None
+    if in_utc.year < 1970:
+        raise ValidationError("must be after 1970-01-01T00:00:00Z")
+
+
 class RecoverSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    since = fields.AwareDateTime(required=True, default_timezone=None)
+    since = fields.AwareDateTime(required=True, default_timezone=None, validate=_representable)
 
 
 class RecoverResultSchema(Schema):

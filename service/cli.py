@@ -7,13 +7,13 @@ import click
 from service.config import ConfigError
 
 
-def load_services(overrides: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
-    """Build settings and services the same way the web app does."""
+def load_services(overrides: dict[str, object] | None = None, *, api: bool = True):  # type: ignore[no-untyped-def]
+    """Build settings and services the same way the web app does (``api``: with its routes)."""
     from service import create_app
     from service.extension import Services
 
     try:
-        app = create_app(overrides)
+        app = create_app(overrides, api=api)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     services: Services = app.extensions["motionhook"]
@@ -49,7 +49,7 @@ def worker(once: bool) -> None:
     from service.worker import run_worker
 
     set_component("worker")
-    _app, services = load_services()
+    _app, services = load_services(api=False)
     settings = services.settings
     init_sentry(settings, component="worker")
     if settings.worker_metrics_port:

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -149,8 +149,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, job_id = base64.urlsafe_b64decode(padded).decode().split("|", 1)
-        return datetime.fromisoformat(created.replace("Z", "+00:00")), job_id
-    except (ValueError, UnicodeDecodeError) as exc:
+        when = datetime.fromisoformat(created.replace("Z", "+00:00")).astimezone(UTC)
+        return when, job_id
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ValueError("cursor is not valid") from exc
 
 

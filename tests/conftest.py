@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from service import create_app
 from service.callbacks import callback_token
 from service.db import normalize_url
-from service.devstack import Stack
+from service.devstack import Stack, wait_until
 from service.extension import Services
 from service.migrate import upgrade
 
@@ -150,3 +150,17 @@ def make_stack(tmp_path: Path, stack_database_url: str) -> Iterator[Callable[...
     yield make
     for stack in stacks:
         stack.stop()
+
+
+def eventually(
+    stack: Stack, predicate: Callable[[], object], message: str, timeout: float = 30.0
+) -> Any:
+    """``wait_until``, failing with the tail of every process log when time runs out."""
+    try:
+        return wait_until(predicate, timeout=timeout, message=message)
+    except TimeoutError as exc:
+        logs = "\n".join(
+            f"--- {process.name} (exit {process.popen.poll()}) ---\n{process.log()[-3000:]}"
+            for process in stack.processes
+        )
+        pytest.fail(f"{exc}\n{logs}")

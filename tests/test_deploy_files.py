@@ -390,7 +390,7 @@ def test_healthcheck_script_checks_web_and_worker(stack: Stack) -> None:
 
 
 def documented_metric_names() -> set[str]:
-    return set(re.findall(r"`(motionhook_[a-z_]+)`", (ROOT / "docs" / "OPERATING.md").read_text()))
+    return set(re.findall(r"`(motionhook_[a-z_]+)`", (ROOT / "README.md").read_text()))
 
 
 def exported_metric_names(services: Services) -> set[str]:
@@ -403,7 +403,7 @@ def exported_metric_names(services: Services) -> set[str]:
 
 
 def test_every_metric_and_variable_is_documented(services: Services) -> None:
-    text = (ROOT / "docs" / "OPERATING.md").read_text()
+    text = (ROOT / "README.md").read_text()
     exported = exported_metric_names(services)
     assert exported, "no motionhook metrics exported"
     assert exported <= documented_metric_names(), exported - documented_metric_names()

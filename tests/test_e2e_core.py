@@ -29,9 +29,9 @@ from standardwebhooks import Webhook
 from service.callbacks import callback_token
 from service.db import normalize_url
 from service.demo import start_receiver, video_frames
-from service.devstack import SAMPLE_IMAGE, Stack, wait_until
+from service.devstack import SAMPLE_IMAGE, Stack
 from service.notifiers.webhook import generate_secret
-from tests.conftest import CALLBACK_SECRET, ENGINES, _make_url
+from tests.conftest import CALLBACK_SECRET, ENGINES, _make_url, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -118,20 +118,6 @@ def get_job(stack: Stack, job_id: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     job: dict[str, Any] = response.json()
     return job
-
-
-def eventually(
-    stack: Stack, predicate: Callable[[], object], message: str, timeout: float = DEADLINE
-) -> Any:
-    """``wait_until``, failing with the tail of every process log when time runs out."""
-    try:
-        return wait_until(predicate, timeout=timeout, message=message)
-    except TimeoutError as exc:
-        logs = "\n".join(
-            f"--- {process.name} (exit {process.popen.poll()}) ---\n{process.log()[-3000:]}"
-            for process in stack.processes
-        )
-        pytest.fail(f"{exc}\n{logs}")
 
 
 def settle(stack: Stack, job_id: str, status: str, timeout: float = DEADLINE) -> dict[str, Any]:

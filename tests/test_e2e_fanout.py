@@ -28,7 +28,8 @@ from sqlalchemy import create_engine, text
 
 from service.callbacks import callback_token
 from service.db import normalize_url
-from service.devstack import SAMPLE_IMAGE, Process, Stack, wait_until
+from service.devstack import SAMPLE_IMAGE, Process, Stack
+from tests.conftest import eventually
 from tests.sinks import Answer, Received, Script, Sink
 
 pytestmark = pytest.mark.e2e
@@ -59,20 +60,6 @@ MakeStack = Callable[..., Stack]
 
 def workers(stack: Stack) -> list[Process]:
     return [process for process in stack.processes if process.name == "worker"]
-
-
-def eventually(
-    stack: Stack, predicate: Callable[[], Any], message: str, timeout: float = WAIT
-) -> Any:
-    """``wait_until``, failing with the tail of every process log when time runs out."""
-    try:
-        return wait_until(predicate, timeout=timeout, message=message)
-    except TimeoutError as exc:
-        logs = "\n".join(
-            f"--- {process.name} (exit {process.popen.poll()}) ---\n{process.log()[-3000:]}"
-            for process in stack.processes
-        )
-        pytest.fail(f"{exc}\n{logs}")
 
 
 def query(stack: Stack, sql: str, **params: Any) -> list[Any]:
