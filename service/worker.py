@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from schemas.upstream import SUCCESS
+from schemas.upstream import SUCCESS, UpstreamResult
 from service.callbacks import record_fetch
 from service.db import WAKEUP_CHANNEL, Database
 from service.extension import Services
@@ -367,6 +367,22 @@ class Worker:
             task.lease_owner = None
             task.last_error = error[:1000]
 
+    def _apply_answer(
+        self, session: Any, job: Job, result: UpstreamResult, raw: bytes, *, source: str
+    ) -> str:
+        """Apply a submit or fetch answer to a locked job and keep it in the audit log."""
+        outcome = apply_upstream_result(
+            session,
+            self.db,
+            job,
+            result,
+            callback_grace=self.settings.callback_grace,
+            job_timeout=self.settings.job_timeout,
+            media_url=self.services.media_url,
+        )
+        record_fetch(session, job.id, raw, outcome, result.status, source=source)
+        return outcome
+
     def _submit(self, task_id: int, job_id: str, attempts: int, _created: datetime) -> None:
         media_url = self.services.media_url
         with self.db.transaction() as session:
@@ -391,18 +407,7 @@ class Worker:
                 return
             job.submit_attempts = attempts
             if answer.kind == RESULT and answer.result is not None:
-                outcome = apply_upstream_result(
-                    session,
-                    self.db,
-                    job,
-                    answer.result,
-                    callback_grace=self.settings.callback_grace,
-                    job_timeout=self.settings.job_timeout,
-                    media_url=media_url,
-                )
-                record_fetch(
-                    session, job_id, answer.raw, outcome, answer.result.status, source="submit"
-                )
+                self._apply_answer(session, job, answer.result, answer.raw, source="submit")
                 self._finish_task(session, task_id)
             elif answer.kind == REJECTED:
                 if job.status == QUEUED:
@@ -513,17 +518,8 @@ class Worker:
             if job is None:
                 return
             if answer is not None and answer.result is not None:
-                outcome = apply_upstream_result(
-                    session,
-                    self.db,
-                    job,
-                    answer.result,
-                    callback_grace=self.settings.callback_grace,
-                    job_timeout=self.settings.job_timeout,
-                    media_url=media_url,
-                )
-                record_fetch(
-                    session, job_id, answer.raw, outcome, answer.result.status, source="fetch"
+                outcome = self._apply_answer(
+                    session, job, answer.result, answer.raw, source="fetch"
                 )
                 log.info(
                     "reconciled",
