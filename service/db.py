@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 WAKEUP_CHANNEL = "motionhook_work"
+CONNECT_TIMEOUT = 5
 NOTIFIED = "motionhook.notified"
 NOTIFY = text("SELECT pg_notify(:channel, '')")
 
@@ -48,8 +49,13 @@ class Database:
             )
             _configure_sqlite(self.engine)
         else:
+            # A bounded connect: /readyz must answer 503, not hang, when packets are dropped.
             self.engine = create_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT},
             )
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
