@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import Scale, read_result
+from bench.common import Scale, read_result, wait_for_quiet
 
 BENCHMARKS = ("ingest", "notify", "fanout", "footprint")
 QUICK = 0.1
@@ -24,9 +24,17 @@ QUICK = 0.1
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(BENCHMARKS))
-    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (--scale 0.1)")
+    parser.add_argument("--scale", type=float, default=None, help="fraction of the full counts")
     parser.add_argument("--charts", action="store_true", help="redraw charts from results")
     parser.add_argument("--report", action="store_true", help="print the results table")
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=1.0,
+        help="before each benchmark, wait up to 5 min for the load average to drop below this"
+        " (0: do not wait)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(summary() + "\n")
         return 0
-    scale = Scale(QUICK if args.quick else 1.0)
+    scale = Scale(args.scale if args.scale else QUICK if args.quick else 1.0)
     failed: list[str] = []
     for name in names:
         module: Any = importlib.import_module(f"bench.{name}")
@@ -53,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             if data is not None:
                 module.chart(data)
             continue
+        load = wait_for_quiet(args.quiet_below) if args.quiet_below else None
         began = time.monotonic()
-        logging.getLogger("bench").info("== %s ==", name)
+        logging.getLogger("bench").info("== %s == (load average %s)", name, load)
         data = module.run(scale)
         missed = [target for target, met in data["targets"].items() if not met]
         sys.stdout.write(

@@ -145,7 +145,9 @@ def write_result(name: str, data: Mapping[str, Any]) -> Path:
     document = {
         "benchmark": name,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "source": _command("git", "-C", str(ROOT), "describe", "--always", "--dirty"),
         "machine": machine(),
+        "load_average_at_end": [round(value, 2) for value in os.getloadavg()],
         **data,
     }
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
@@ -251,6 +253,19 @@ def postgres_cpu_seconds() -> float:
             if (entry / "comm").read_text().strip() == "postgres":
                 total += process_cpu_seconds(int(entry.name))
     return total
+
+
+def wait_for_quiet(threshold: float = 1.0, patience: float = 300.0) -> float:
+    """Wait (a while) for the 1-minute load average to drop below ``threshold``.
+
+    Other work on the machine skews every number here; this does not prevent it,
+    but it avoids starting in the middle of it. Returns the load average it began at.
+    """
+    deadline = time.monotonic() + patience
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        log.info("waiting for a quiet machine (load average %.2f)", os.getloadavg()[0])
+        time.sleep(15)
+    return round(os.getloadavg()[0], 2)
 
 
 def wait_for(predicate: Any, *, timeout: float, interval: float = 0.1, what: str) -> Any:
