@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
-from service.devstack import Stack
+from service.devstack import Stack, wait_until
 
 log = logging.getLogger("bench")
 
@@ -270,14 +270,7 @@ def wait_for_quiet(threshold: float = 1.0, patience: float = 300.0) -> float:
 
 def wait_for(predicate: Any, *, timeout: float, interval: float = 0.1, what: str) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(predicate, timeout=timeout, interval=interval, message=what)
 
 
 def python() -> str:
