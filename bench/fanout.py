@@ -102,9 +102,9 @@ def verify(running: Stack, sink: Sink, expected: int) -> dict[str, Any]:
     try:
         with services.db.transaction() as session:
             statuses = dict(
-                session.execute(select(Delivery.status, func.count()).group_by(Delivery.status))
-                .tuples()
-                .all()
+                session.execute(
+                    select(Delivery.status, func.count()).group_by(Delivery.status)
+                ).all()
             )
             attempts = session.scalar(select(func.count()).select_from(DeliveryAttempt)) or 0
             disabled = (

@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from service.config import ConfigError
 
-
-def load_services(overrides: dict[str, object] | None = None, *, api: bool = True):  # type: ignore[no-untyped-def]
-    """Build settings and services the same way the web app does (``api``: with its routes)."""
-    from service import create_app
+if TYPE_CHECKING:
     from service.extension import Services
 
+
+def load_services(overrides: dict[str, object] | None = None) -> Services:
+    """Build settings, services and logging the way web does, without the web app."""
+    from service.config import Settings
+    from service.extension import Services
+    from service.observability import configure_logging
+
     try:
-        app = create_app(overrides, api=api)
+        settings = Settings.load(overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    services: Services = app.extensions["motionhook"]
-    return app, services
+    configure_logging(settings)
+    return Services.build(settings)
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group; ``simulate`` is imported only when it is asked for.
+
+    The simulator pulls in Pillow, imageio-ffmpeg and its own Flask app: imported
+    with the group, they cost every ``motionhook worker`` about 3 MB and 0.1 s.
+    """
+
+    LAZY = {"simulate": ("service.simulator", "simulate_command")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY:
+            import importlib
+
+            module, attribute = self.LAZY[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """motionhook: ModelsLab image-to-video jobs, callbacks and fan-out."""
 
@@ -35,7 +63,7 @@ def db_upgrade() -> None:
     """Apply every pending migration."""
     from service.migrate import upgrade
 
-    _app, services = load_services()
+    services = load_services()
     upgrade(services.db)
     click.echo("database is at the newest migration")
 
@@ -49,7 +77,7 @@ def worker(once: bool) -> None:
     from service.worker import run_worker
 
     set_component("worker")
-    _app, services = load_services(api=False)
+    services = load_services()
     settings = services.settings
     init_sentry(settings, component="worker")
     if settings.worker_metrics_port:
@@ -65,18 +93,17 @@ def dev(port: int, simulator_port: int) -> None:
     import os
     import signal
     import time
-    from pathlib import Path
 
     from service.devstack import SAMPLE_IMAGE, Stack
     from service.migrate import upgrade
 
-    app, services = load_services()
+    services = load_services()
     settings = services.settings
     upgrade(services.db)
     use_simulator = not os.environ.get("MOTIONHOOK_MODELSLAB_API_KEY")
     user_env = {k: v for k, v in os.environ.items() if k.startswith("MOTIONHOOK_")}
     stack = Stack(
-        Path(app.instance_path),
+        settings.instance_path,
         env=user_env,
         web_port=port,
         sim_port=simulator_port,
@@ -95,7 +122,7 @@ def dev(port: int, simulator_port: int) -> None:
 motionhook is running: web {base} (docs {base}/docs), worker, """
         + (f"ModelsLab simulator {stack.sim_url}" if use_simulator else "real ModelsLab")
         + f"""
-Database: {settings.database_url}   logs: {app.instance_path}/*.log
+Database: {settings.database_url}   logs: {settings.instance_path}/*.log
 API token: {token}
 
 Submit the bundled sample image:
@@ -118,7 +145,8 @@ Ctrl-C stops everything.
         while all(process.popen.poll() is None for process in stack.processes):
             time.sleep(0.5)
         failed = [p.name for p in stack.processes if p.popen.poll() is not None]
-        raise click.ClickException(f"{', '.join(failed)} stopped; see {app.instance_path}/*.log")
+        logs = settings.instance_path / "*.log"
+        raise click.ClickException(f"{', '.join(failed)} stopped; see {logs}")
     except KeyboardInterrupt:
         click.echo("stopping ...")
     finally:
@@ -162,7 +190,7 @@ def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> No
     from service.prune import prune as run_prune
 
     assert isinstance(older_than, timedelta)
-    _app, services = load_services()
+    services = load_services()
     report = run_prune(
         services.db,
         services.storage,
@@ -186,15 +214,6 @@ def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> No
             f"{report.media_failures} jobs kept their media: storage refused the delete "
             "(see the log); run again later"
         )
-
-
-def _register_optional() -> None:
-    from service.simulator import simulate_command
-
-    main.add_command(simulate_command, "simulate")
-
-
-_register_optional()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Configuration: defaults, then ``MOTIONHOOK_*`` environment, then a test mapping.
 
-Flask's ``app.config`` holds the raw values; :class:`Settings` is the typed,
-validated view the rest of the code (web, worker, CLI) reads.
+:func:`load_config` gathers the raw values (web keeps them in Flask's ``app.config``);
+:class:`Settings` is the typed, validated view the rest of the code (web, worker,
+CLI) reads. Nothing here imports Flask: the worker runs without it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Mapping
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+ENV_PREFIX = "MOTIONHOOK_"
 DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 PRODUCTION = "production"
 
@@ -63,6 +66,29 @@ SENTRY_KEYS = ("SENTRY_DSN", "SENTRY_ENVIRONMENT", "SENTRY_TRACES_SAMPLE_RATE")
 
 class ConfigError(RuntimeError):
     """Raised when the configuration cannot run; the message names what is missing."""
+
+
+def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``DEFAULTS``, then every ``MOTIONHOOK_*`` variable, then ``overrides``.
+
+    A variable's value is read as JSON when it parses (``8``, ``true``), else kept
+    as the string, as Flask's ``from_prefixed_env`` does.
+    """
+    config = dict(DEFAULTS)
+    for name, raw in os.environ.items():
+        if name.startswith(ENV_PREFIX):
+            try:
+                value: Any = json.loads(raw)
+            except ValueError:
+                value = raw
+            config[name.removeprefix(ENV_PREFIX)] = value
+    config.update(overrides or {})
+    return config
+
+
+def instance_path() -> Path:
+    """Where development secrets, SQLite and local media live (``MOTIONHOOK_INSTANCE_PATH``)."""
+    return Path(os.environ.get("MOTIONHOOK_INSTANCE_PATH") or Path.cwd() / "instance").absolute()
 
 
 def _as_bool(value: Any) -> bool:
@@ -186,6 +212,11 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.env == PRODUCTION
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """The settings of this process: defaults, environment, then ``overrides``."""
+        return cls.from_mapping(load_config(overrides), instance_path())
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any], instance_path: Path) -> Settings:

@@ -8,7 +8,9 @@ worker hears about new work exactly when it becomes visible.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +18,14 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 WAKEUP_CHANNEL = "motionhook_work"
 CONNECT_TIMEOUT = 5
+# A pooled connection idle longer than this is pinged before use (see _ping_when_idle).
+PING_AFTER_IDLE = 1.0
+CHECKED_IN = "motionhook.checked_in"
 NOTIFIED = "motionhook.notified"
 NOTIFY = text("SELECT pg_notify(:channel, '')")
 
@@ -49,15 +55,25 @@ class Database:
             )
             _configure_sqlite(self.engine)
         else:
-            # A bounded connect: /readyz must answer 503, not hang, when packets are dropped.
-            self.engine = create_engine(
-                self.url,
-                pool_size=pool_size,
-                max_overflow=pool_size,
-                pool_pre_ping=True,
-                connect_args={"connect_timeout": CONNECT_TIMEOUT},
-            )
+            self.engine = _postgresql_engine(self.url, pool_size=pool_size)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._relaxed_engine: Engine | None = None
+        self._relaxed: sessionmaker[Session] | None = None
+        self._relaxed_lock = threading.Lock()
+
+    def _relaxed_sessions(self) -> sessionmaker[Session]:
+        """Sessions on a small pool whose connections commit with ``synchronous_commit`` off.
+
+        Set once per connection (a startup option), not with a ``SET LOCAL`` round
+        trip per transaction; only the worker's delivery bookkeeping opens it.
+        """
+        with self._relaxed_lock:
+            if self._relaxed is None:
+                self._relaxed_engine = _postgresql_engine(
+                    self.url, pool_size=2, options="-c synchronous_commit=off"
+                )
+                self._relaxed = sessionmaker(self._relaxed_engine, expire_on_commit=False)
+            return self._relaxed
 
     @contextmanager
     def transaction(self, *, durable: bool = True) -> Iterator[Session]:
@@ -69,9 +85,8 @@ class Database:
         or delivery outcome means the delivery is sent again, which at-least-once
         delivery allows. Never for state a client or ModelsLab was told about.
         """
-        with self.sessions() as session, session.begin():
-            if not durable and not self.is_sqlite:
-                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        sessions = self.sessions if durable or self.is_sqlite else self._relaxed_sessions()
+        with sessions() as session, session.begin():
             yield session
 
     def notify(self, session: Session) -> None:
@@ -87,6 +102,51 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._relaxed_engine is not None:
+            self._relaxed_engine.dispose()
+
+
+def _postgresql_engine(url: str, *, pool_size: int, options: str | None = None) -> Engine:
+    # A bounded connect: /readyz must answer 503, not hang, when packets are dropped.
+    connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
+    if options:
+        # Keep the URL's own startup options (a search_path, say): connect_args replace them.
+        existing = make_url(url).query.get("options")
+        connect_args["options"] = f"{existing} {options}" if isinstance(existing, str) else options
+    engine = create_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, connect_args=connect_args
+    )
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only when it sat idle for a while.
+
+    ``pool_pre_ping`` costs a round trip on every checkout, which under load is
+    one statement in four of a callback. A connection that was in use a moment
+    ago is alive; one that sat idle may have been closed by the server, a proxy
+    or a restart, so it is pinged and, if dead, replaced (SQLAlchemy's "custom
+    pessimistic" disconnect handling). A failure on a busy connection still
+    invalidates the whole pool, so a restart costs at most one failed statement
+    per connection that was checked in moments before it.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info[CHECKED_IN] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle = time.monotonic() - record.info.get(CHECKED_IN, -math.inf)
+        if idle <= PING_AFTER_IDLE:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError(f"stale pooled connection: {type(exc).__name__}") from exc
+        if not alive:
+            raise DisconnectionError("stale pooled connection")
 
 
 def _configure_sqlite(engine: Engine) -> None:

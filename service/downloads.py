@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import requests
-from PIL import Image, UnidentifiedImageError
 
 from service.storage import Storage, StoredObject, validate_key
 
@@ -274,6 +273,9 @@ def store_upload(
 
     Raises ValueError naming the ``image`` field when it is too large or not such an image.
     """
+    # Imported here: only web stores uploads, and Pillow would cost the worker ~2 MB.
+    from PIL import Image, UnidentifiedImageError
+
     body = _read_limited(data, max_bytes)
     try:
         with warnings.catch_warnings():

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from flask import current_app
-
 from service.config import Settings
 from service.db import Database
 
@@ -50,5 +48,7 @@ class Services:
 
 
 def services() -> Services:
-    """Return the services of the current Flask app."""
+    """Return the services of the current Flask app (web only: the worker has no app)."""
+    from flask import current_app
+
     return cast(Services, current_app.extensions["motionhook"])

@@ -39,6 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import false, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.migrate import readiness
 from service.models import Delivery, Job, Subscription, Task, utcnow
 
 if TYPE_CHECKING:
@@ -332,8 +333,6 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 def worker_wsgi_app(services: Services, heartbeat: Heartbeat = HEARTBEAT) -> WsgiApp:
     """``/metrics``, ``/healthz`` (main loop alive) and ``/readyz`` for the worker process."""
-    from service.api.health import readiness
-
     settings = services.settings
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

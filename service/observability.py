@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import re
 import sys
@@ -24,10 +25,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, g, request
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from service.config import Settings
 
 REDACTED = "[redacted]"
@@ -58,6 +60,8 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)('(?:key|api_?key|secret|token|sig)'\s*:\s*')[^']*"), r"\1" + REDACTED),
     (re.compile(r"(?i)\b((?:api_?key|secret|token|password)=)[^&\s\"']+"), r"\1" + REDACTED),
 )
+# Every pattern above matches only text that contains one of these (lowercased).
+_PATTERN_WORDS = ("bearer", "basic", "sig", "whsec_", "key", "secret", "token", "password")
 MIN_SECRET_LENGTH = 6
 
 _context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
@@ -121,19 +125,41 @@ def register_settings_secrets(settings: Settings) -> None:
 
 def redact(text: str) -> str:
     """Replace every secret this process knows of, and secret-looking patterns, in ``text``."""
-    secrets = sorted({*_known_secrets, *_request_secrets.get()}, key=len, reverse=True)
+    request_secrets = _request_secrets.get()
+    secrets = (
+        sorted({*_known_secrets, *request_secrets}, key=len, reverse=True)
+        if request_secrets
+        else _sorted_known_secrets()
+    )
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
+    # Most strings (ids, times, messages) hold none of the words every pattern needs:
+    # checking for those words first is much cheaper than running the patterns.
+    lowered = text.lower()
+    if any(word in lowered for word in _PATTERN_WORDS):
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
     return text
 
 
+@functools.cache
+def _sorted_secrets(secrets: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(secrets, key=len, reverse=True))
+
+
+def _sorted_known_secrets() -> tuple[str, ...]:
+    return _sorted_secrets(frozenset(_known_secrets))
+
+
 def is_sensitive_key(key: object) -> bool:
-    return (
-        isinstance(key, str) and key.lower() not in _SAFE_KEYS and bool(_SENSITIVE_KEY.match(key))
-    )
+    return isinstance(key, str) and _is_sensitive_name(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_sensitive_name(key: str) -> bool:
+    # Cached: log records and events repeat the same few dozen field names.
+    return key.lower() not in _SAFE_KEYS and bool(_SENSITIVE_KEY.match(key))
 
 
 def scrub(value: Any, depth: int = 0) -> Any:
@@ -279,46 +305,6 @@ def configure_logging(settings: Settings, component: str | None = None) -> None:
     logging.getLogger("motionhook").setLevel(settings.log_level)
 
 
-# -- the web request edge ------------------------------------------------------
-
-
-def _request_id() -> str:
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    return incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
-
-
-def _start_request() -> None:
-    g.motionhook_started = time.perf_counter()
-    context = {"request_id": _request_id()}
-    for arg, value in (request.view_args or {}).items():
-        for name in _VIEW_ARG_CONTEXT.get(arg, ()):
-            context[name] = str(value)
-    _context.set(context)
-    secrets = [request.args.get("sig", "")]
-    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-    if scheme:
-        secrets.append(credential.strip())
-    _request_secrets.set(tuple(s for s in secrets if len(s) >= MIN_SECRET_LENGTH))
-
-
-def _finish_request(response: Response) -> Response:
-    from service.metrics import record_http
-
-    request_id = (_context.get() or {}).get("request_id")
-    if request_id:
-        response.headers.setdefault(REQUEST_ID_HEADER, request_id)
-    started = g.get("motionhook_started")
-    if started is not None:
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        record_http(request.method, route, response.status_code, time.perf_counter() - started)
-    return response
-
-
-def _end_request(_error: BaseException | None) -> None:
-    _context.set({})
-    _request_secrets.set(())
-
-
 # -- Sentry --------------------------------------------------------------------
 
 
@@ -333,15 +319,25 @@ def before_send(event: dict[str, Any], _hint: dict[str, Any]) -> dict[str, Any]:
     return scrubbed
 
 
-def init_sentry(settings: Settings, component: str | None = None) -> bool:
-    """Start Sentry when ``SENTRY_DSN`` is set; return whether it is on."""
+def init_sentry(settings: Settings, component: str | None = None, *, web: bool = False) -> bool:
+    """Start Sentry when ``SENTRY_DSN`` is set; return whether it is on.
+
+    ``web`` adds the Flask integration. Elsewhere (the worker) Sentry does not
+    probe for frameworks: its Flask probe alone would import Flask into a
+    process that serves no requests.
+    """
     if component:
         set_component(component)
     if not settings.sentry_dsn:
         return False
     import sentry_sdk
-    from sentry_sdk.integrations.flask import FlaskIntegration
+    from sentry_sdk.integrations import Integration
 
+    integrations: list[Integration] = []
+    if web:
+        from sentry_sdk.integrations.flask import FlaskIntegration
+
+        integrations.append(FlaskIntegration())
     register_settings_secrets(settings)
     client = sentry_sdk.get_client()
     if not (client.is_active() and client.dsn == settings.sentry_dsn):
@@ -351,7 +347,8 @@ def init_sentry(settings: Settings, component: str | None = None) -> bool:
             traces_sample_rate=settings.sentry_traces_sample_rate,
             send_default_pii=False,
             max_request_body_size="small",
-            integrations=[FlaskIntegration()],
+            integrations=integrations,
+            auto_enabling_integrations=web,
             before_send=before_send,  # type: ignore[arg-type]
             before_send_transaction=before_send,  # type: ignore[arg-type]
         )
@@ -376,8 +373,42 @@ def flush_all(timeout: float = 2.0) -> None:
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Attach JSON logging, request ids, log context, HTTP metrics and Sentry to ``app``."""
+    from flask import Response, g, request
+
+    from service.metrics import record_http
+
     configure_logging(settings)
-    init_sentry(settings)
-    app.before_request(_start_request)
-    app.after_request(_finish_request)
-    app.teardown_request(_end_request)
+    init_sentry(settings, web=True)
+
+    def start_request() -> None:
+        g.motionhook_started = time.perf_counter()
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+        context = {"request_id": request_id}
+        for arg, value in (request.view_args or {}).items():
+            for name in _VIEW_ARG_CONTEXT.get(arg, ()):
+                context[name] = str(value)
+        _context.set(context)
+        secrets = [request.args.get("sig", "")]
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        if scheme:
+            secrets.append(credential.strip())
+        _request_secrets.set(tuple(s for s in secrets if len(s) >= MIN_SECRET_LENGTH))
+
+    def finish_request(response: Response) -> Response:
+        request_id = (_context.get() or {}).get("request_id")
+        if request_id:
+            response.headers.setdefault(REQUEST_ID_HEADER, request_id)
+        started = g.get("motionhook_started")
+        if started is not None:
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            record_http(request.method, route, response.status_code, time.perf_counter() - started)
+        return response
+
+    def end_request(_error: BaseException | None) -> None:
+        _context.set({})
+        _request_secrets.set(())
+
+    app.before_request(start_request)
+    app.after_request(finish_request)
+    app.teardown_request(end_request)

@@ -300,6 +300,8 @@ def test_three_workers_deliver_every_event_of_500_jobs_exactly_once(
     api = start(
         workers=0,
         MOTIONHOOK_MODELSLAB_BASE_URL=upstream.url.removesuffix("/hook") + "/api/v6",
+        # Successful attempts are logged at DEBUG; the end checks each worker sent some.
+        MOTIONHOOK_LOG_LEVEL="DEBUG",
         **FAST_RETRIES,
     )
     stack = api.stack

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 from service import create_app
 from service.extension import Services
 from service.metrics import HEARTBEAT_STALE, Heartbeat, worker_wsgi_app
-from service.migrate import upgrade
+from service.migrate import MIGRATIONS, REVISIONS, upgrade
 from tests.conftest import app_config
 
 
@@ -37,6 +37,16 @@ def test_healthz_says_alive_without_auth(client: FlaskClient) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok"}
+
+
+def test_revisions_list_every_migration_in_alembic_order() -> None:
+    """/readyz reads REVISIONS instead of importing alembic: it must match alembic's reading."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(MIGRATIONS))
+    oldest_first = [script.revision for script in scripts.walk_revisions()][::-1]
+    assert list(REVISIONS) == oldest_first
+    assert scripts.get_heads() == [REVISIONS[-1]]
 
 
 def test_readyz_is_200_on_a_migrated_database(client: FlaskClient) -> None:

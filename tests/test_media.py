@@ -1,4 +1,4 @@
-"""Tests for service.media: URL signing and the /media blueprint over real storage."""
+"""Tests for service.media (URL signing) and the /media blueprint over real storage."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from flask.testing import FlaskClient
 from moto.server import ThreadedMotoServer
 from werkzeug.test import TestResponse
 
-from service.media import expiry_for, media_bp, media_url, sign_media, verify_media
+from service.api.media import media_bp
+from service.media import expiry_for, media_url, sign_media, verify_media
 from service.storage import LocalStorage, S3Storage
 
 SECRET = "callback-secret"

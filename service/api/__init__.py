@@ -91,8 +91,8 @@ def add_security_headers(response: Response) -> Response:
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
     from service.api import callbacks, deliveries, health, jobs, metrics, subscriptions
+    from service.api.media import media_bp
     from service.api.ratelimit import init_limiter
-    from service.media import media_bp
 
     for key, value in API_SETTINGS.items():
         app.config.setdefault(key, value)
