@@ -3,7 +3,7 @@
 With no name every benchmark runs, in the order above. ``--quick`` shrinks the
 counts and durations for a smoke run (its numbers are not the published ones);
 ``--charts`` only redraws the PNGs from the JSON results already written, and
-``--report`` prints the results table of docs/PERFORMANCE.md from them.
+``--report`` prints the results table of the README's Performance section from them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The results table of docs/PERFORMANCE.md, rebuilt from ``bench/results/*.json``."""
+"""The README's Performance table, rebuilt from ``bench/results/*.json``."""
 
 from __future__ import annotations
 
