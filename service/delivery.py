@@ -13,7 +13,7 @@ import random
 import sys
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -63,13 +63,13 @@ class Prepared:
 
 @dataclass
 class _Settlement:
-    """One attempt waiting to be written; ``done`` once a batch holding it committed."""
+    """One attempt waiting to be written (by the next batch, see ``Deliverer._settle``)."""
 
     delivery_id: str
     result: AttemptResult
-    done: bool = False
     error: BaseException | None = None
-    logged: dict[str, Any] = field(default_factory=dict)
+    # (subscription id, job id) once settled; None when the delivery was deleted meanwhile.
+    found: tuple[str | None, str | None] | None = None
 
 
 def _lock_subscriptions(session: Session, ids: Iterable[str]) -> dict[str, Subscription]:
@@ -206,7 +206,8 @@ class Deliverer:
         self.rng = random.Random()
         self._claimed: dict[str, Prepared] = {}
         self._claimed_lock = threading.Lock()
-        self._settling = threading.Condition()
+        self._settling = threading.Lock()
+        self._queue_committed = threading.Event()
         self._queue: list[_Settlement] = []
         self._writing = False
 
@@ -328,37 +329,41 @@ class Deliverer:
             setattr(delivery, name, value)
 
     def _settle(self, delivery_id: str, result: AttemptResult) -> None:
-        """Record the attempt and its outcome; return once that is committed (group commit)."""
+        """Record the attempt and its outcome; return once that is committed (group commit).
+
+        The first thread to find no writer becomes it and writes batches until the
+        queue is empty; the others wait only for their own attempt to be committed.
+        """
         mine = _Settlement(delivery_id, result)
         with self._settling:
             self._queue.append(mine)
-            while self._writing and not mine.done:
-                self._settling.wait()
-            if mine.done:
-                batch: list[_Settlement] = []
-            else:
-                self._writing = True
+            committed = self._queue_committed  # set once the batch holding ``mine`` is
+            lead = not self._writing
+            self._writing = True
+        while lead:
+            with self._settling:
+                if not self._queue:
+                    self._writing = False
+                    break
                 batch, self._queue = self._queue, []
-        if batch:
+                done, self._queue_committed = self._queue_committed, threading.Event()
             failure: BaseException | None = None
             try:
                 self._write(batch)
             except BaseException as exc:
                 failure = exc
-            finally:
-                with self._settling:
-                    for item in batch:
-                        item.error = item.error or failure
-                        item.done = True
-                    self._writing = False
-                    self._settling.notify_all()
+            for item in batch:
+                item.error = item.error or failure
+            done.set()
+        committed.wait()
         if mine.error is not None:
             raise mine.error
-        if mine.logged:  # empty when the delivery was deleted meanwhile
+        if mine.found is not None:
             # Successes at DEBUG: every attempt is in the database (GET /v1/deliveries/{id})
             # and a line per success costs the worker a fifth of its CPU at full speed.
             level = logging.DEBUG if _plain_success(mine.result) else logging.INFO
-            log.log(level, "delivery attempt", extra=mine.logged)
+            if log.isEnabledFor(level):
+                log.log(level, "delivery attempt", extra=_attempt_log(mine, *mine.found))
 
     def _write(self, batch: list[_Settlement]) -> None:
         """Settle a batch in one transaction, or each on its own if the batch fails."""
@@ -420,8 +425,7 @@ class Deliverer:
         if succeeded:
             connection.execute(CLEAR_FAILING, {"ids": succeeded})
         for item in settled:
-            sub_id, job_id = found[item.delivery_id]
-            item.logged = _attempt_log(item, sub_id, job_id)
+            item.found = found[item.delivery_id]
 
     def _settle_others(self, session: Session, batch: list[_Settlement], now: datetime) -> None:
         """Settle retries, failures and paced successes: they need the rows themselves."""
@@ -458,7 +462,7 @@ class Deliverer:
             delivery.updated_at = now
             sub = subs.get(delivery.subscription_id) if delivery.subscription_id else None
             self._apply_outcome(session, delivery, sub, result, now)
-            item.logged = _attempt_log(item, delivery.subscription_id, delivery.job_id)
+            item.found = (delivery.subscription_id, delivery.job_id)
 
     def _apply_outcome(
         self,

@@ -99,7 +99,8 @@ class Worker:
 
         self.outbound = make_session(
             allow_private=self.settings.allow_private_targets,
-            pool_maxsize=max(32, self.settings.delivery_threads * 2),
+            # One connection per thread that can use it at once, kept per receiving host.
+            pool_maxsize=self.settings.delivery_threads + self.settings.task_threads,
         )
         self.task_pool = ThreadPoolExecutor(self.settings.task_threads, "task")
         self.delivery_pool = ThreadPoolExecutor(self.settings.delivery_threads, "delivery")

@@ -17,6 +17,7 @@ subscription (Slack allows about one message per second per webhook).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import math
@@ -33,7 +34,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
-from requests.structures import CaseInsensitiveDict
 from requests_hardened.ip_filter import InvalidIPAddress
 from urllib3.exceptions import NameResolutionError
 
@@ -346,6 +346,15 @@ def _read_excerpt(response: requests.Response, deadline: float) -> bytes:
     return b"".join(chunks)[:EXCERPT_BYTES]
 
 
+@functools.lru_cache(maxsize=4096)
+def _prepared_url(url: str) -> str:
+    """``url`` as requests sends it (IDNA host, quoted path); cached, as targets repeat."""
+    prepared = requests.PreparedRequest()
+    prepared.prepare_url(url, None)
+    assert prepared.url is not None
+    return prepared.url
+
+
 def _post(
     session: requests.Session, url: str, message: Message, timeout: float
 ) -> requests.Response:
@@ -356,10 +365,13 @@ def _post(
     must not carry cookies from one delivery to the next), and that merging costs
     more CPU than the request itself when a worker sends a thousand a second.
     """
-    headers = CaseInsensitiveDict(session.headers)
-    headers.update(message.headers)
     prepared = requests.PreparedRequest()
-    prepared.prepare(method="POST", url=url, headers=headers, data=message.body)
+    # PreparedRequest.prepare without cookies and hooks (a delivery carries neither).
+    prepared.prepare_method("POST")
+    prepared.url = _prepared_url(url)
+    prepared.prepare_headers({**session.headers, **message.headers})
+    prepared.prepare_body(message.body, None)
+    prepared.prepare_auth(None, url)  # credentials in the URL's userinfo, as requests does
     return session.get_adapter(url).send(
         prepared,
         stream=True,

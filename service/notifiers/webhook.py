@@ -9,6 +9,7 @@ secret, space-separated while a secret rotates.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,6 +28,12 @@ SECRET_BYTES = 32
 def generate_secret() -> str:
     """Return a fresh signing secret: ``whsec_`` and 32 random bytes in base64."""
     return SECRET_PREFIX + base64.b64encode(token_bytes(SECRET_BYTES)).decode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _signer(secret: str) -> Webhook:
+    """The signer of ``secret`` (decoding the secret once, not per message)."""
+    return Webhook(secret)
 
 
 def _as_utc(timestamp: datetime | None) -> datetime:
@@ -62,7 +69,7 @@ def render(
     sent_at = _as_utc(timestamp)
     payload = _serialize(envelope)
     signature = " ".join(
-        Webhook(secret).sign(event_id, sent_at, payload) for secret in unique_secrets
+        _signer(secret).sign(event_id, sent_at, payload) for secret in unique_secrets
     )
     return Message(
         body=payload.encode(),
