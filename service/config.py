@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "DOWNLOAD_DEADLINE": 900,
     "DOWNLOAD_TIMEOUT": 300,
     "DELIVERY_THREADS": 64,
+    "DELIVERY_CONNECTIONS_PER_HOST": 16,
     "TASK_THREADS": 4,
     "TASK_LEASE": 120,
     "DELIVERY_LEASE": None,
@@ -194,6 +195,7 @@ class Settings:
     download_deadline: float
     download_timeout: float
     delivery_threads: int
+    delivery_connections_per_host: int
     task_threads: int
     task_lease: float
     delivery_lease: float
@@ -278,6 +280,7 @@ class Settings:
             download_deadline=_as_seconds("DOWNLOAD_DEADLINE", config["DOWNLOAD_DEADLINE"]),
             download_timeout=_as_seconds("DOWNLOAD_TIMEOUT", config["DOWNLOAD_TIMEOUT"]),
             delivery_threads=int(config["DELIVERY_THREADS"]),
+            delivery_connections_per_host=int(config["DELIVERY_CONNECTIONS_PER_HOST"]),
             task_threads=int(config["TASK_THREADS"]),
             task_lease=_as_seconds("TASK_LEASE", config["TASK_LEASE"]),
             delivery_lease=_as_seconds(

@@ -27,6 +27,7 @@ from service.metrics import record_delivery, record_subscription_disabled
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
 from service.notifiers import render_message
 from service.notifiers.policy import AttemptResult, next_attempt_delay, send
+from service.notifiers.webhook import serialize
 from service.queue import ClaimedDelivery, claim_deliveries
 
 log = logging.getLogger("motionhook.delivery")
@@ -59,6 +60,8 @@ class Prepared:
     url: str
     envelope: dict[str, Any]
     secrets: list[str]
+    # The webhook body, serialized once per event for all its subscriptions.
+    serialized: str | None = None
 
 
 @dataclass
@@ -246,7 +249,12 @@ class Deliverer:
             prepared = self._prepare(delivery_id)
         if prepared is None:
             return
-        message = render_message(prepared.kind, prepared.envelope, secrets=prepared.secrets)
+        message = render_message(
+            prepared.kind,
+            prepared.envelope,
+            secrets=prepared.secrets,
+            serialized=prepared.serialized,
+        )
         result = send(
             self.http,
             prepared.url,
@@ -296,12 +304,25 @@ class Deliverer:
             if wanted
             else {}
         )
+        bodies: dict[str, str] = {}
+
+        def body(event_id: str, kind: str) -> str | None:
+            if kind != "webhook":
+                return None
+            if event_id not in bodies:
+                bodies[event_id] = serialize(payloads[event_id])
+            return bodies[event_id]
+
         decided: dict[str, Prepared | None] = {}
         for item in claimed:
             payload = payloads[item.event_id]
             if item.subscription_id is None:
                 decided[item.id] = Prepared(
-                    item.kind, item.target_url or "", payload, [self.settings.webhook_secret]
+                    item.kind,
+                    item.target_url or "",
+                    payload,
+                    [self.settings.webhook_secret],
+                    body(item.event_id, item.kind),
                 )
                 continue
             sub = targets.get(item.subscription_id)
@@ -321,7 +342,13 @@ class Deliverer:
                     paced = now + timedelta(seconds=SLACK_PACE)
                     connection.execute(PACE, {"sub_id": sub.id, "pace_until": paced})
                     targets[sub.id] = replace(sub, next_send_at=paced)
-                decided[item.id] = Prepared(sub.kind, sub.url, payload, active_secrets(sub, now))
+                decided[item.id] = Prepared(
+                    sub.kind,
+                    sub.url,
+                    payload,
+                    active_secrets(sub, now),
+                    body(item.event_id, sub.kind),
+                )
         return decided
 
     def _fail(self, delivery: Delivery, reason: str, now: datetime) -> None:

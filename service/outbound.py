@@ -136,9 +136,9 @@ def validate_target_url(url: str, *, allow_private: bool) -> None:
 class _GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
     """requests-hardened's pinning IP filter with a pool size and motionhook's address rules."""
 
-    def __init__(self, *, is_https: bool, pool_maxsize: int) -> None:
+    def __init__(self, *, is_https: bool, hosts: int, per_host: int) -> None:
         super().__init__(is_https_proto=is_https, allow_loopback=False)
-        self.init_poolmanager(pool_maxsize, pool_maxsize)
+        self.init_poolmanager(hosts, per_host, block=True)
 
     def build_connection_pool_key_attributes(
         self,
@@ -189,11 +189,17 @@ class _GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
 def make_session(
     *,
     allow_private: bool,
-    pool_maxsize: int = 32,
+    per_host: int = 16,
+    hosts: int = 64,
     user_agent: str = DEFAULT_USER_AGENT,
     default_timeout: tuple[float, float] = DEFAULT_TIMEOUT,
 ) -> requests.Session:
     """Return a pooled session that never follows redirects and refuses private targets.
+
+    At most ``per_host`` connections are open to one host at a time: a thread that
+    finds them all busy waits for one (``pool_block``) rather than opening more, so
+    a burst of deliveries to one receiver never becomes dozens of simultaneous
+    connections. Pools of up to ``hosts`` hosts are kept.
 
     Connect-time refusals raise :class:`TargetRefused`. Environment proxies and
     ``.netrc`` are ignored (``trust_env = False``): a proxy would connect on our
@@ -211,8 +217,8 @@ def make_session(
     for prefix, is_https in (("http://", False), ("https://", True)):
         adapter: HTTPAdapter
         if allow_private:
-            adapter = HTTPAdapter(pool_connections=pool_maxsize, pool_maxsize=pool_maxsize)
+            adapter = HTTPAdapter(pool_connections=hosts, pool_maxsize=per_host, pool_block=True)
         else:
-            adapter = _GuardedAdapter(is_https=is_https, pool_maxsize=pool_maxsize)
+            adapter = _GuardedAdapter(is_https=is_https, hosts=hosts, per_host=per_host)
         session.mount(prefix, adapter)
     return session

@@ -99,8 +99,7 @@ class Worker:
 
         self.outbound = make_session(
             allow_private=self.settings.allow_private_targets,
-            # One connection per thread that can use it at once, kept per receiving host.
-            pool_maxsize=self.settings.delivery_threads + self.settings.task_threads,
+            per_host=self.settings.delivery_connections_per_host,
         )
         self.task_pool = ThreadPoolExecutor(self.settings.task_threads, "task")
         self.delivery_pool = ThreadPoolExecutor(self.settings.delivery_threads, "delivery")

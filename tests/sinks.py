@@ -12,6 +12,13 @@ Answer = tuple[int, dict[str, str], bytes]
 Script = Callable[[int, "Received"], Answer | None]
 
 
+class _Server(ThreadingHTTPServer):
+    # A listen backlog like a real server's (http.server's default is 5): several
+    # workers opening connections at once must not see SYNs dropped.
+    request_queue_size = 128
+    daemon_threads = True
+
+
 @dataclass
 class Received:
     path: str
@@ -60,8 +67,7 @@ class Sink:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
 
+from service.devstack import wait_until
 from service.outbound import TargetRefused, make_session, validate_target_url
+from tests.sinks import Answer, Received
+from tests.sinks import Sink as ScriptedSink
 
 REAL_GETADDRINFO = socket.getaddrinfo
 
@@ -295,8 +299,42 @@ def test_session_ignores_proxy_environment(sink: Sink, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("allow_private", [True, False])
 def test_session_pools_connections(allow_private: bool) -> None:
-    session = make_session(allow_private=allow_private, pool_maxsize=7)
+    session = make_session(allow_private=allow_private, per_host=7, hosts=9)
 
     for prefix in ("http://", "https://"):
         adapter: Any = session.get_adapter(prefix + "example.com/")
         assert adapter.poolmanager.connection_pool_kw["maxsize"] == 7
+        assert adapter.poolmanager.connection_pool_kw["block"] is True
+        assert adapter.poolmanager.pools._maxsize == 9
+
+
+def test_session_opens_at_most_per_host_connections_to_one_host() -> None:
+    in_flight = peak = 0
+    counting = threading.Lock()
+    gate = threading.Event()
+
+    def hold(_number: int, _request: Received) -> Answer:
+        nonlocal in_flight, peak
+        with counting:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        gate.wait(10)
+        with counting:
+            in_flight -= 1
+        return 200, {}, b"ok"
+
+    sink = ScriptedSink(hold)
+    session = make_session(allow_private=True, per_host=2)
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            answers = [
+                pool.submit(session.post, sink.url, data=b"{}", timeout=10) for _ in range(5)
+            ]
+            wait_until(lambda: in_flight == 2, timeout=10, message="two requests at the sink")
+            gate.set()
+            statuses = [answer.result().status_code for answer in answers]
+    finally:
+        gate.set()
+        sink.close()
+    assert statuses == [200] * 5
+    assert peak == 2  # the other three waited for a pooled connection

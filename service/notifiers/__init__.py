@@ -141,13 +141,17 @@ def render_message(
     *,
     secrets: Sequence[str],
     timestamp: datetime | None = None,
+    serialized: str | None = None,
 ) -> Message:
-    """Render ``envelope`` for a subscription of ``kind`` (slack, discord or webhook)."""
+    """Render ``envelope`` for a subscription of ``kind`` (slack, discord or webhook).
+
+    ``serialized``: the envelope as :func:`.webhook.serialize` writes it, if known.
+    """
     # Imported here because the channel modules import the helpers above.
     from service.notifiers import discord, slack, webhook
 
     if kind == "webhook":
-        return webhook.render(envelope, secrets, timestamp)
+        return webhook.render(envelope, secrets, timestamp, serialized)
     if kind == "slack":
         payload = slack.render(envelope)
     elif kind == "discord":

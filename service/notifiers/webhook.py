@@ -45,7 +45,7 @@ def _as_utc(timestamp: datetime | None) -> datetime:
     return timestamp.astimezone(UTC)
 
 
-def _serialize(envelope: Mapping[str, Any]) -> str:
+def serialize(envelope: Mapping[str, Any]) -> str:
     """Return the envelope as compact JSON text that is always encodable as UTF-8."""
     text = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
     try:
@@ -57,9 +57,16 @@ def _serialize(envelope: Mapping[str, Any]) -> str:
 
 
 def render(
-    envelope: Mapping[str, Any], secrets: Sequence[str], timestamp: datetime | None = None
+    envelope: Mapping[str, Any],
+    secrets: Sequence[str],
+    timestamp: datetime | None = None,
+    serialized: str | None = None,
 ) -> Message:
-    """Return the signed Standard Webhooks message for ``envelope``."""
+    """Return the signed Standard Webhooks message for ``envelope``.
+
+    ``serialized`` is ``serialize(envelope)`` when the caller already has it (every
+    subscription of an event gets the same body).
+    """
     event_id = envelope.get("id")
     if not isinstance(event_id, str) or not event_id:
         raise ValueError("envelope needs a string id to sign")
@@ -67,7 +74,7 @@ def render(
     if not unique_secrets:
         raise ValueError("at least one signing secret is required")
     sent_at = _as_utc(timestamp)
-    payload = _serialize(envelope)
+    payload = serialize(envelope) if serialized is None else serialized
     signature = " ".join(
         _signer(secret).sign(event_id, sent_at, payload) for secret in unique_secrets
     )
