@@ -16,6 +16,7 @@ from bench.common import RESULTS, ROOT, log  # noqa: E402
 
 MOTIONHOOK = "#2b6cb0"
 CEILING = "#a0aec0"
+SQL_CEILING = "#68d391"
 ACCENT = "#dd6b20"
 TARGET = "#c53030"
 

@@ -3,8 +3,10 @@
 Jobs are inserted as ModelsLab leaves them after a submit (``processing``, with a
 reconcile task), then wrk (or the Python generator) POSTs each job one signed
 ``success`` callback, the body the simulator would send. In the same run and on
-the same gunicorn config, the same requests go to ``bench/ceiling.py``, a bare
-Flask app that only parses the JSON. Every acknowledged callback is then looked
+the same gunicorn config, the same requests go to the two apps of
+``bench/ceiling.py``: a bare Flask app that only parses the JSON, and one that
+also commits the callback's transaction in plain psycopg (its own jobs, since it
+changes them). Every acknowledged callback is then looked
 up in the ``callbacks`` table and its job checked for the state the callback
 implies (``upstream_status = success`` and a download task): a missing one is a
 lost callback.
@@ -24,7 +26,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import bindparam, func, select
 
-from bench.charts import CEILING, MOTIONHOOK, figure, save, target_line
+from bench.charts import CEILING, MOTIONHOOK, SQL_CEILING, figure, save, target_line
 from bench.common import (
     CALLBACK_SECRET,
     ROOT,
@@ -50,6 +52,7 @@ SECONDS = 10.0
 WARMUP_SECONDS = 3.0
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 25.0
+LABELS = {"motionhook": "motionhook", "sql": "same SQL", "ceiling": "bare Flask"}
 
 
 def _job_input() -> dict[str, Any]:
@@ -153,13 +156,13 @@ def gunicorn_settings() -> dict[str, Any]:
     return {key: conf[key] for key in ("workers", "threads", "worker_class", "keepalive")}
 
 
-def start_ceiling(running: Stack) -> tuple[Process, str]:
+def start_ceiling(running: Stack, factory: str = "create_app") -> tuple[Process, str]:
     port = free_port()
     argv = [
         sys.executable,
         "-m",
         "gunicorn",
-        "bench.ceiling:create_app()",
+        f"bench.ceiling:{factory}()",
         "-b",
         f"127.0.0.1:{port}",
         "-c",
@@ -233,26 +236,34 @@ def run(scale: Scale) -> dict[str, Any]:
     slices = len(levels) + 1 + len(PACED)
     with stack(NAME, simulator=False) as running:
         url = database_url(running)
-        log.info("ingest: inserting %d processing jobs", per_level * slices)
+        log.info("ingest: inserting %d processing jobs", 2 * per_level * slices)
         jobs = insert_processing_jobs(url, per_level * slices)
         calls = [success_callback(job_id, upstream_id) for job_id, upstream_id in jobs]
+        # The plain-SQL ceiling changes its jobs too: it gets jobs of its own.
+        sql_calls = [
+            success_callback(job_id, upstream_id)
+            for job_id, upstream_id in insert_processing_jobs(url, per_level * slices)
+        ]
         web = running.start_web()
         ceiling, ceiling_url = start_ceiling(running)
+        sql_ceiling, sql_url = start_ceiling(running, "create_sql_app")
         apps = {
             "motionhook": (running.web_url, web.popen.pid),
             "ceiling": (ceiling_url, ceiling.popen.pid),
+            "sql": (sql_url, sql_ceiling.popen.pid),
         }
-        log.info("ingest: warming up both apps for %.0f s each", warmup)
-        for base_url, _pid in apps.values():
-            run_load(base_url, calls[:per_level], connections=HEADLINE, seconds=warmup)
-        rows: dict[str, list[dict[str, Any]]] = {"motionhook": [], "ceiling": []}
-        paced: dict[str, list[dict[str, Any]]] = {"motionhook": [], "ceiling": []}
+        log.info("ingest: warming up the three apps for %.0f s each", warmup)
+        for name, (base_url, _pid) in apps.items():
+            warm = (sql_calls if name == "sql" else calls)[:per_level]
+            run_load(base_url, warm, connections=HEADLINE, seconds=warmup)
+        rows: dict[str, list[dict[str, Any]]] = {name: [] for name in apps}
+        paced: dict[str, list[dict[str, Any]]] = {name: [] for name in apps}
         slice_number = 1
 
         def measure(name: str, load: Any) -> dict[str, Any]:
             base_url, pid = apps[name]
             first = slice_number * per_level
-            mine = calls[first : first + per_level]
+            mine = (sql_calls if name == "sql" else calls)[first : first + per_level]
             with cpu_meter(pid) as cpu:
                 result: LoadResult = load(base_url, mine)
             row = {**result.as_dict(), **cpu.per(result.answered), "wrapped": result.wrapped}
@@ -271,7 +282,7 @@ def run(scale: Scale) -> dict[str, Any]:
                     )
                 )
             slice_number += 1
-            _log_pair(f"c={connections}", rows["motionhook"][-1], rows["ceiling"][-1])
+            _log_row(f"c={connections}", rows)
         best = max(row["throughput_rps"] for row in rows["motionhook"])
         for fraction in PACED:
             rate = max(1.0, best * fraction)
@@ -282,25 +293,28 @@ def run(scale: Scale) -> dict[str, Any]:
                 )
                 paced[name].append({"fraction_of_max": fraction, "rate": round(rate, 1), **row})
             slice_number += 1
-            _log_pair(f"{rate:.0f}/s", paced["motionhook"][-1], paced["ceiling"][-1])
+            _log_row(f"{rate:.0f}/s", paced)
     data = summarize(rows, paced, seconds, levels)
     write_result(NAME, data)
     chart(data)
     return data
 
 
-def _log_pair(label: str, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+def _log_row(label: str, rows: dict[str, list[dict[str, Any]]]) -> None:
+    ours = rows["motionhook"][-1]
+    others = " | ".join(
+        f"{LABELS[name]} {row['throughput_rps']:.0f}/s p50 {row['latency_ms']['p50']:.1f}"
+        f" p99 {row['latency_ms']['p99']:.1f} ms"
+        for name, row in ((name, rows[name][-1]) for name in ("sql", "ceiling"))
+    )
     log.info(
-        "ingest %s: motionhook %.0f/s p50 %.1f p99 %.1f ms lost %s"
-        " | ceiling %.0f/s p50 %.1f p99 %.1f ms",
+        "ingest %s: motionhook %.0f/s p50 %.1f p99 %.1f ms lost %s | %s",
         label,
         ours["throughput_rps"],
         ours["latency_ms"]["p50"],
         ours["latency_ms"]["p99"],
         ours.get("lost"),
-        theirs["throughput_rps"],
-        theirs["latency_ms"]["p50"],
-        theirs["latency_ms"]["p99"],
+        others,
     )
 
 
@@ -312,6 +326,7 @@ def summarize(
 ) -> dict[str, Any]:
     ours_best = max(rows["motionhook"], key=lambda row: row["throughput_rps"])
     theirs_best = max(rows["ceiling"], key=lambda row: row["throughput_rps"])
+    sql_best = max(rows["sql"], key=lambda row: row["throughput_rps"])
     ratio = ours_best["throughput_rps"] / theirs_best["throughput_rps"]
     sustained = paced["motionhook"][0]
     every = rows["motionhook"] + paced["motionhook"]
@@ -322,8 +337,9 @@ def summarize(
             "Signed ModelsLab success callbacks for processing jobs. Throughput: closed loop, "
             "one keep-alive connection per load thread, best of 1-16 connections. Latency: "
             "open loop at a fixed rate (50% and 80% of motionhook's best), measured from when "
-            "each request was due. motionhook and a bare Flask app (bench/ceiling.py) on the "
-            "same gunicorn config, same requests, same run."
+            "each request was due. motionhook, a bare Flask app and a bare Flask app that "
+            "commits the same transaction in plain psycopg (bench/ceiling.py), on the same "
+            "gunicorn config, in the same run."
         ),
         "config": {
             "gunicorn": gunicorn_settings(),
@@ -336,6 +352,7 @@ def summarize(
         },
         "motionhook": rows["motionhook"],
         "ceiling": rows["ceiling"],
+        "sql": rows["sql"],
         "paced": paced,
         "headline": {
             "motionhook_rps": ours_best["throughput_rps"],
@@ -351,6 +368,12 @@ def summarize(
             "web_cpu_ms_per_callback": ours_best["web_cpu_ms_per_request"],
             "postgres_cpu_ms_per_callback": ours_best["postgres_cpu_ms_per_request"],
             "ceiling_cpu_ms_per_request": theirs_best["web_cpu_ms_per_request"],
+            "sql_rps": sql_best["throughput_rps"],
+            "sql_best_connections": sql_best["connections"],
+            "ratio_to_sql": round(ours_best["throughput_rps"] / sql_best["throughput_rps"], 3),
+            "sql_web_cpu_ms_per_request": sql_best["web_cpu_ms_per_request"],
+            "sql_postgres_cpu_ms_per_request": sql_best["postgres_cpu_ms_per_request"],
+            "sql_p99_ms": paced["sql"][0]["latency_ms"]["p99"],
             "lost_callbacks": lost,
             "errors": errors,
         },
@@ -362,25 +385,26 @@ def summarize(
     }
 
 
+SERIES = (("motionhook", MOTIONHOOK), ("sql", SQL_CEILING), ("ceiling", CEILING))
+
+
 def chart(data: dict[str, Any]) -> None:
     levels = [row["connections"] for row in data["motionhook"]]
     xs = range(len(levels))
     fig, (left, right) = figure(2)
-    width = 0.38
-    ours = [row["throughput_rps"] for row in data["motionhook"]]
-    theirs = [row["throughput_rps"] for row in data["ceiling"]]
-    left.bar([x - width / 2 for x in xs], ours, width, label="motionhook", color=MOTIONHOOK)
-    left.bar([x + width / 2 for x in xs], theirs, width, label="bare Flask", color=CEILING)
+    width = 0.27
+    for offset, (name, color) in zip((-1, 0, 1), SERIES, strict=True):
+        values = [row["throughput_rps"] for row in data[name]]
+        left.bar([x + offset * width for x in xs], values, width, label=LABELS[name], color=color)
     left.set_xticks(list(xs), [str(level) for level in levels])
     left.set_xlabel("concurrent connections (closed loop)")
     left.set_ylabel("callbacks / s")
     left.set_title("Callback ingest throughput", fontsize=10)
     left.legend(fontsize=8, frameon=False)
     labels, p50s, p99s, colors = [], [], [], []
-    for name, color in (("motionhook", MOTIONHOOK), ("ceiling", CEILING)):
+    for name, color in SERIES:
         for row in data["paced"][name]:
-            short = "motionhook" if name == "motionhook" else "bare Flask"
-            labels.append(f"{short}\n{row['rate']:.0f}/s")
+            labels.append(f"{LABELS[name]}\n{row['rate']:.0f}/s")
             p50s.append(row["latency_ms"]["p50"])
             p99s.append(row["latency_ms"]["p99"])
             colors.append(color)

@@ -24,6 +24,12 @@ def _ingest(data: dict[str, Any]) -> list[str]:
         f"(bare Flask {head['ceiling_p50_ms']:.1f} / {head['ceiling_p99_ms']:.1f}) | "
         f"{_met(head['p99_ms'] <= 25)} |",
     ]
+    if "sql_rps" in head:
+        rows.append(
+            f"| Ingest | callbacks/s vs bare Flask + the same transaction in plain psycopg | "
+            f"(none; see below) | {head['motionhook_rps']:.0f}/s vs {head['sql_rps']:.0f}/s "
+            f"= {head['ratio_to_sql'] * 100:.0f}% | - |"
+        )
     acknowledged = sum(
         row["acknowledged"] for row in data["motionhook"] + data["paced"]["motionhook"]
     )
