@@ -31,7 +31,7 @@ from bench.common import (
 from bench.ingest import insert_processing_jobs
 from bench.sink import Sink
 from service.callbacks import receive_callback
-from service.config import DEFAULTS, Settings
+from service.config import Settings, load_config
 from service.devstack import Process, Stack
 from service.extension import Services
 from service.models import Delivery, DeliveryAttempt, Subscription
@@ -49,15 +49,7 @@ def services_for(running: Stack) -> Services:
     Built from settings rather than ``create_app`` so that the app's logging set-up
     does not take over this process's output.
     """
-    config = {
-        **DEFAULTS,
-        **{
-            key.removeprefix("MOTIONHOOK_"): value
-            for key, value in running.env.items()
-            if key.startswith("MOTIONHOOK_")
-        },
-    }
-    return Services.build(Settings.from_mapping(config, running.instance))
+    return Services.build(Settings.from_mapping(load_config(environ=running.env), running.instance))
 
 
 def build_backlog(running: Stack, sink: Sink, jobs: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import fanout, footprint, ingest, notify
 from bench.common import read_result
 
 YES, NO = "yes", "**no**"
@@ -18,11 +19,11 @@ def _ingest(data: dict[str, Any]) -> list[str]:
     rows = [
         f"| Ingest | callbacks/s, best of 1-16 connections | >= 50% of bare Flask | "
         f"{head['motionhook_rps']:.0f}/s vs {head['ceiling_rps']:.0f}/s "
-        f"= {head['ratio'] * 100:.0f}% | {_met(head['ratio'] >= 0.5)} |",
+        f"= {head['ratio'] * 100:.0f}% | {_met(head['ratio'] >= ingest.TARGET_RATIO)} |",
         f"| Ingest | p50 / p99 at {head['sustained_rate']:.0f} callbacks/s (50% of best) | "
         f"p99 <= 25 ms | {head['p50_ms']:.1f} / {head['p99_ms']:.1f} ms "
         f"(bare Flask {head['ceiling_p50_ms']:.1f} / {head['ceiling_p99_ms']:.1f}) | "
-        f"{_met(head['p99_ms'] <= 25)} |",
+        f"{_met(head['p99_ms'] <= ingest.TARGET_P99_MS)} |",
     ]
     if "sql_rps" in head:
         rows.append(
@@ -47,7 +48,9 @@ def _notify(data: dict[str, Any]) -> list[str]:
         latency = row["latency_ms"]
         target = "p50 <= 30, p99 <= 150 ms" if row["path"] == "failed" else "(no target)"
         met = (
-            _met(latency["p50"] <= 30 and latency["p99"] <= 150) if row["path"] == "failed" else "-"
+            _met(latency["p50"] <= notify.TARGET_P50_MS and latency["p99"] <= notify.TARGET_P99_MS)
+            if row["path"] == "failed"
+            else "-"
         )
         what = "job.failed (with the callback)" if row["path"] == "failed" else "job.completed"
         rows.append(
@@ -75,7 +78,7 @@ def _fanout(data: dict[str, Any]) -> list[str]:
     return [
         f"| Fan-out | deliveries/s, 1 worker process | >= 1,000/s | "
         f"{one['deliveries_per_s']:.0f}/s ({one['worker_cpu_ms_per_delivery']:.2f} ms CPU each) | "
-        f"{_met(one['deliveries_per_s'] >= 1000)} |",
+        f"{_met(one['deliveries_per_s'] >= fanout.TARGET_RATE)} |",
         f"| Fan-out | deliveries/s, 2 worker processes | no duplicates, no losses | "
         f"{two['deliveries_per_s']:.0f}/s (x{data['scaling_ratio']}); {two['duplicates']} "
         f"duplicates, {two['lost']} lost of {two['deliveries']:,} | "
@@ -87,18 +90,20 @@ def _footprint(data: dict[str, Any]) -> list[str]:
     start = data["cold_start_s"]
     rss = data["rss_mb"]
     jobs = data["jobs"]
+    web, worker = rss["web_worker_at_end"], rss["worker_at_end"]
     growth = max(rss["worker_growth_second_half"], rss["web_worker_growth_second_half"])
     return [
         f"| Footprint | cold start of web to first 200 on /readyz (median of "
         f"{len(start['runs'])}) | <= 1 s | {start['median']:.2f} s (max {start['max']:.2f}) | "
-        f"{_met(start['median'] <= 1)} |",
+        f"{_met(start['median'] <= footprint.TARGET_START_S)} |",
         f"| Footprint | RSS of one gunicorn worker after {jobs:,} jobs | <= 80 MB | "
-        f"{rss['web_worker_at_end']:.1f} MB | {_met(rss['web_worker_at_end'] <= 80)} |",
+        f"{web:.1f} MB | {_met(web <= footprint.TARGET_RSS_MIB)} |",
         f"| Footprint | RSS of the worker process after {jobs:,} jobs | <= 80 MB | "
-        f"{rss['worker_at_end']:.1f} MB | {_met(rss['worker_at_end'] <= 80)} |",
+        f"{worker:.1f} MB | {_met(worker <= footprint.TARGET_RSS_MIB)} |",
         f"| Footprint | RSS growth from {jobs // 2:,} to {jobs:,} jobs | none | "
         f"worker {rss['worker_growth_second_half']:+.1f} MB, gunicorn worker "
-        f"{rss['web_worker_growth_second_half']:+.1f} MB | {_met(growth <= 2.0)} |",
+        f"{rss['web_worker_growth_second_half']:+.1f} MB | "
+        f"{_met(growth <= footprint.GROWTH_TOLERANCE_MIB)} |",
     ]
 
 

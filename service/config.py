@@ -69,14 +69,16 @@ class ConfigError(RuntimeError):
     """Raised when the configuration cannot run; the message names what is missing."""
 
 
-def load_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``DEFAULTS``, then every ``MOTIONHOOK_*`` variable, then ``overrides``.
+def load_config(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """``DEFAULTS``, then every ``MOTIONHOOK_*`` variable of ``environ``, then ``overrides``.
 
     A variable's value is read as JSON when it parses (``8``, ``true``), else kept
     as the string, as Flask's ``from_prefixed_env`` does.
     """
     config = dict(DEFAULTS)
-    for name, raw in os.environ.items():
+    for name, raw in environ.items():
         if name.startswith(ENV_PREFIX):
             try:
                 value: Any = json.loads(raw)

@@ -70,7 +70,8 @@ _context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.Context
 _request_secrets: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
     "motionhook_request_secrets", default=()
 )
-_known_secrets: set[str] = set()
+# Longest first, so a secret containing another is replaced whole; rebuilt on register.
+_known_secrets: tuple[str, ...] = ()
 _component = "web"
 
 
@@ -104,9 +105,9 @@ def bind(**fields: str | None) -> Iterator[None]:
 
 def register_secrets(*values: str | None) -> None:
     """Remember secret values so that they are redacted wherever they appear."""
-    for value in values:
-        if value and len(value) >= MIN_SECRET_LENGTH:
-            _known_secrets.add(value)
+    global _known_secrets
+    added = {value for value in values if value and len(value) >= MIN_SECRET_LENGTH}
+    _known_secrets = _longest_first({*_known_secrets, *added})
 
 
 def register_settings_secrets(settings: Settings) -> None:
@@ -127,9 +128,7 @@ def redact(text: str) -> str:
     """Replace every secret this process knows of, and secret-looking patterns, in ``text``."""
     request_secrets = _request_secrets.get()
     secrets = (
-        sorted({*_known_secrets, *request_secrets}, key=len, reverse=True)
-        if request_secrets
-        else _sorted_known_secrets()
+        _longest_first({*_known_secrets, *request_secrets}) if request_secrets else _known_secrets
     )
     for secret in secrets:
         if secret in text:
@@ -143,13 +142,8 @@ def redact(text: str) -> str:
     return text
 
 
-@functools.cache
-def _sorted_secrets(secrets: frozenset[str]) -> tuple[str, ...]:
+def _longest_first(secrets: set[str]) -> tuple[str, ...]:
     return tuple(sorted(secrets, key=len, reverse=True))
-
-
-def _sorted_known_secrets() -> tuple[str, ...]:
-    return _sorted_secrets(frozenset(_known_secrets))
 
 
 def is_sensitive_key(key: object) -> bool:

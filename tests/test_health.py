@@ -15,7 +15,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from werkzeug.test import Client
 
+import service.db
 from service import create_app
+from service.db import Database
 from service.extension import Services
 from service.metrics import HEARTBEAT_STALE, Heartbeat, worker_wsgi_app
 from service.migrate import MIGRATIONS, REVISIONS, upgrade
@@ -185,6 +187,30 @@ def test_readyz_follows_a_database_outage_and_recovery(
     finally:
         proxy.stop()
         services.db.dispose()
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("stack_database_url", ["postgresql"], indirect=True)
+def test_a_pooled_connection_the_server_closed_while_idle_is_replaced(
+    stack_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every checkout counts as "idle long enough" here, instead of waiting a second.
+    monkeypatch.setattr(service.db, "PING_AFTER_IDLE", -1.0)
+    db, other = Database(stack_database_url, pool_size=1), Database(stack_database_url)
+    try:
+        with db.transaction() as session:
+            first = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        # The connection is back in the pool, idle: the server ends it (as a restart, an
+        # idle timeout or a proxy would), waiting until the backend is gone.
+        with other.transaction() as session:
+            ended = session.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": first})
+            assert ended.scalar_one() is True
+        with db.transaction() as session:
+            second = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        assert second != first
+    finally:
+        db.dispose()
+        other.dispose()
 
 
 # -- the worker's probes ---------------------------------------------------------------
