@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "DISABLE_AFTER": 5 * 24 * 3600,
     "CALLBACK_GRACE": 600,
     "JOB_TIMEOUT": 7200,
+    "QUEUE_TIMEOUT": 24 * 3600,
+    "MODELSLAB_MAX_QUEUED": 5,
     "MEDIA_URL_TTL": 7 * 24 * 3600,
     "UPSTREAM_TIMEOUT": 30,
     "MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
@@ -60,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_TOKEN": None,
     "WORKER_METRICS_PORT": None,
     "WORKER_METRICS_HOST": "0.0.0.0",
-    # Unprefixed (DESIGN §4), read from the environment when not in the mapping.
+    # Unprefixed, as Sentry names them; read from the environment when not in the mapping.
     "SENTRY_DSN": None,
     "SENTRY_ENVIRONMENT": None,
     "SENTRY_TRACES_SAMPLE_RATE": None,
@@ -132,6 +134,17 @@ def parse_duration(value: Any, *, unit_required: bool = False, positive: bool = 
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         raise ValueError(f"{text!r} must be {'longer than zero' if positive else 'zero or more'}")
     return seconds
+
+
+def _as_count(name: str, value: Any) -> int:
+    """A whole number of zero or more, naming the variable when it is not."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"MOTIONHOOK_{name} must be a whole number, got {value!r}") from None
+    if count < 0:
+        raise ConfigError(f"MOTIONHOOK_{name} must be zero or more, got {count}")
+    return count
 
 
 def _as_seconds(name: str, value: Any) -> float:
@@ -213,6 +226,8 @@ class Settings:
     disable_after: float
     callback_grace: float
     job_timeout: float
+    queue_timeout: float
+    modelslab_max_queued: int
     media_url_ttl: float
     upstream_timeout: float
     max_upload_bytes: int
@@ -294,6 +309,8 @@ class Settings:
             disable_after=_as_seconds("DISABLE_AFTER", config["DISABLE_AFTER"]),
             callback_grace=_as_seconds("CALLBACK_GRACE", config["CALLBACK_GRACE"]),
             job_timeout=_as_seconds("JOB_TIMEOUT", config["JOB_TIMEOUT"]),
+            queue_timeout=_as_seconds("QUEUE_TIMEOUT", config["QUEUE_TIMEOUT"]),
+            modelslab_max_queued=_as_count("MODELSLAB_MAX_QUEUED", config["MODELSLAB_MAX_QUEUED"]),
             media_url_ttl=_as_seconds("MEDIA_URL_TTL", config["MEDIA_URL_TTL"]),
             upstream_timeout=_as_seconds("UPSTREAM_TIMEOUT", config["UPSTREAM_TIMEOUT"]),
             max_upload_bytes=int(config["MAX_UPLOAD_BYTES"]),

@@ -68,6 +68,17 @@ UPSTREAM_LATENCY = Histogram(
     ["operation"],
     buckets=LATENCY_BUCKETS,
 )
+UPSTREAM_RATE_LIMITED = Counter(
+    "motionhook_upstream_rate_limited",
+    "429 answers from ModelsLab (its queued-request cap), by operation.",
+    ["operation"],
+)
+QUEUE_WAIT = Histogram(
+    "motionhook_queue_wait_seconds",
+    "Time a job waited in motionhook's queue for a ModelsLab slot, by operation (submit).",
+    ["operation"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+)
 CALLBACKS = Counter(
     "motionhook_callbacks_received",
     "ModelsLab callbacks by outcome: applied, duplicate, ignored (late), malformed, "
@@ -107,6 +118,12 @@ HTTP_LATENCY = Histogram(
 def record_upstream(operation: str, answer: UpstreamAnswer) -> None:
     UPSTREAM_REQUESTS.labels(operation, answer.kind).inc()
     UPSTREAM_LATENCY.labels(operation).observe(answer.latency)
+    if answer.http_status == 429:
+        UPSTREAM_RATE_LIMITED.labels(operation).inc()
+
+
+def record_queue_wait(seconds: float) -> None:
+    QUEUE_WAIT.labels("submit").observe(max(0.0, seconds))
 
 
 def record_callback(outcome: str) -> None:

@@ -39,6 +39,15 @@ NAMING = {
 }
 
 
+class JobStatus(StrEnum):
+    """Where a job is, as clients see it (``status`` of the job resource)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
 class DeliveryStatus(StrEnum):
     """Where a delivery is (``status`` of the delivery resource)."""
 
@@ -106,6 +115,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     submitted_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    # Set while the job holds one of the ModelsLab account's queued-request slots.
+    upstream_slot_since: Mapped[datetime | None] = mapped_column(index=True)
 
     __table_args__ = (Index("ix_jobs_created", "created_at", "id"),)
 
@@ -195,6 +206,27 @@ class DeliveryAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(String(16))
+
+
+class UpstreamCapacity(Base):
+    """The one row of ModelsLab capacity state every worker shares (and locks to claim).
+
+    ``effective_cap`` is how many queued requests ModelsLab is taking now (at most
+    ``MOTIONHOOK_MODELSLAB_MAX_QUEUED``); after a 429 all submissions pause until
+    ``paused_until``, then ``probing`` lets one submission out at a time until one is
+    accepted; ``probe_job_id`` is the submission in flight as a probe; no probe beyond
+    the cap goes out before ``probe_after``.
+    """
+
+    __tablename__ = "upstream_capacity"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    effective_cap: Mapped[int | None] = mapped_column(Integer)
+    paused_until: Mapped[datetime | None]
+    probing: Mapped[bool] = mapped_column(Boolean, default=False)
+    probe_job_id: Mapped[str | None] = mapped_column(String(40))
+    probe_after: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Task(Base):
