@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from service.extension import Services
 from service.metrics import record_delivery, record_subscription_disabled
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
+from service.models import Delivery, DeliveryAttempt, Event, Project, Subscription, utcnow
 from service.notifiers import render_message
 from service.notifiers.policy import AttemptResult, next_attempt_delay, send
 from service.notifiers.webhook import serialize
@@ -36,8 +36,8 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 SLACK_PACE = 1.0
 
 
-def active_secrets(sub: Subscription | _Target, now: datetime) -> list[str]:
-    """The subscription's secret, plus the previous one while its 24 h overlap lasts."""
+def active_secrets(sub: Subscription | _Target | Project, now: datetime) -> list[str]:
+    """The row's secret, plus the previous one while its 24 h overlap lasts."""
     secrets = [sub.secret] if sub.secret else []
     expires = sub.previous_secret_expires_at
     if sub.previous_secret and expires is not None and expires > now:
@@ -114,7 +114,7 @@ DELIVERIES = cast(Table, Delivery.__table__)
 EVENTS = cast(Table, Event.__table__)
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
-EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload).where(
+EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload, EVENTS.c.project_id).where(
     EVENTS.c.id.in_(bindparam("ids", expanding=True))
 )
 LOCK_TARGETS = (
@@ -292,10 +292,19 @@ class Deliverer:
     ) -> dict[str, Prepared | None]:
         """Decide for each claimed delivery: send it (Prepared), fail it, or wait for pacing."""
         connection = session.connection()
-        payloads: dict[str, dict[str, Any]] = {
-            row[0]: row[1]
-            for row in connection.execute(
-                EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        payloads: dict[str, dict[str, Any]] = {}
+        event_projects: dict[str, str] = {}
+        for event_id, payload, project_id in connection.execute(
+            EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        ):
+            payloads[event_id] = payload
+            event_projects[event_id] = project_id
+        # Per-job webhooks are signed with their project's secret (``default``: the setting).
+        projects = sorted({event_projects[i.event_id] for i in claimed if not i.subscription_id})
+        signers = {
+            project.id: active_secrets(project, now) or [self.settings.webhook_secret]
+            for project in (
+                session.scalars(select(Project).where(Project.id.in_(projects))) if projects else ()
             )
         }
         wanted = sorted({item.subscription_id for item in claimed if item.subscription_id})
@@ -317,13 +326,18 @@ class Deliverer:
         for item in claimed:
             payload = payloads[item.event_id]
             if item.subscription_id is None:
-                decided[item.id] = Prepared(
-                    item.kind,
-                    item.target_url or "",
-                    payload,
-                    [self.settings.webhook_secret],
-                    body(item.event_id, item.kind),
-                )
+                signer = signers.get(event_projects[item.event_id])
+                if signer is None:
+                    decided[item.id] = None
+                    _set_aside(session, item.id, **_failed("project not found", now))
+                else:
+                    decided[item.id] = Prepared(
+                        item.kind,
+                        item.target_url or "",
+                        payload,
+                        signer,
+                        body(item.event_id, item.kind),
+                    )
                 continue
             sub = targets.get(item.subscription_id)
             decided[item.id] = None
