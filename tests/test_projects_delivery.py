@@ -8,7 +8,6 @@ The stand-in ModelsLab refuses every job, so each job fails at once and fans out
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -40,19 +39,20 @@ def sinks() -> Iterator[dict[str, Sink]]:
 
 
 @pytest.fixture
-def worker(services: Services, sinks: dict[str, Sink]) -> Iterator[Worker]:
+def loopback(services: Services, sinks: dict[str, Sink]) -> Services:
+    """ModelsLab and every target on loopback sinks."""
     services.settings = replace(
         services.settings,
         allow_private_targets=True,
         modelslab_base_url=sinks["modelslab"].url,
         delivery_timeout=2.0,
     )
-    running = Worker(services)
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    yield running
-    running.stop()
-    thread.join(20)
+    return services
+
+
+def work(services: Services) -> None:
+    """Run a real worker until no work is due: submit (refused), fan out, deliver."""
+    Worker(services).run(once=True)
 
 
 def subscribe(client: FlaskClient, tenant: Tenant, url: str) -> str:
@@ -82,7 +82,7 @@ def job_of(request: Received) -> str:
     return str(json.loads(request.body)["data"]["id"])
 
 
-@pytest.mark.usefixtures("worker")
+@pytest.mark.usefixtures("loopback")
 def test_fan_out_and_per_job_webhooks_stay_inside_each_project(
     client: FlaskClient, services: Services, sinks: dict[str, Sink], auth: dict[str, str]
 ) -> None:
@@ -92,6 +92,7 @@ def test_fan_out_and_per_job_webhooks_stay_inside_each_project(
     beta_sub = subscribe(client, beta, sinks["beta_sub"].url)
 
     alpha_job = submit(client, alpha.auth, sinks["alpha_job"].url)
+    work(services)
     [to_alpha_sub] = sinks["alpha_sub"].wait_for(1)
     [to_alpha_job] = sinks["alpha_job"].wait_for(1)
     assert job_of(to_alpha_sub) == job_of(to_alpha_job) == alpha_job
@@ -103,6 +104,7 @@ def test_fan_out_and_per_job_webhooks_stay_inside_each_project(
 
     # B's own job reaches B's subscription, which never saw A's.
     beta_job = submit(client, beta.auth, sinks["beta_job"].url)
+    work(services)
     [to_beta_job] = sinks["beta_job"].wait_for(1)
     [to_beta_sub] = sinks["beta_sub"].wait_for(1)
     assert job_of(to_beta_sub) == job_of(to_beta_job) == beta_job
@@ -119,6 +121,7 @@ def test_fan_out_and_per_job_webhooks_stay_inside_each_project(
 
     # Project ``default`` (the env token) still signs with MOTIONHOOK_WEBHOOK_SECRET.
     submit(client, auth, sinks["default_job"].url)
+    work(services)
     [to_default_job] = sinks["default_job"].wait_for(1)
     assert verifies(default_secret, to_default_job)
     assert not verifies(alpha.webhook_secret, to_default_job)
