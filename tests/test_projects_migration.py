@@ -1,4 +1,4 @@
-"""Migration 0002 on a database that already has rows: everything moves into ``default``."""
+"""Migration 0003 on a database that already has rows: everything moves into ``default``."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from service.migrate import upgrade
 from service.models import Base
 from tests.conftest import TOKEN, app_config
 
+# The revision before the one that adds projects.
+PREVIOUS = "0002"
 OWNED_TABLES = ("jobs", "subscriptions", "events", "deliveries")
 T = "'2026-01-01 00:00:00'"
-ROWS_AT_0001 = [
+ROWS_BEFORE = [
     "INSERT INTO jobs (id, status, model_id, input, metadata, source_urls, outputs,"
-    " submit_attempts, created_at, updated_at) VALUES ('job_old', 'failed', 'wan2.2',"
-    f" '{{\"init_image\": \"https://example.com/a.png\"}}', '{{}}', '[]', '[]', 1, {T}, {T})",
+    " created_at, updated_at) VALUES ('job_old', 'failed', 'wan2.2',"
+    f" '{{\"init_image\": \"https://example.com/a.png\"}}', '{{}}', '[]', '[]', {T}, {T})",
     "INSERT INTO subscriptions (id, kind, url, events, description, enabled, created_at,"
     " updated_at) VALUES ('sub_old', 'webhook', 'https://example.com/hook', '[]', '', true,"
     f" {T}, {T})",
@@ -34,11 +36,11 @@ ROWS_AT_0001 = [
 
 @pytest.fixture
 def old_database(stack_database_url: str) -> Database:
-    """A database at migration 0001 holding a job, a subscription, an event and a delivery."""
+    """A database one migration before projects, with a job, subscription, event and delivery."""
     db = Database(stack_database_url)
-    upgrade(db, "0001")
+    upgrade(db, PREVIOUS)
     with db.engine.begin() as connection:
-        for statement in ROWS_AT_0001:
+        for statement in ROWS_BEFORE:
             connection.execute(text(statement))
     return db
 
@@ -86,7 +88,7 @@ def test_the_migration_downgrades_cleanly(old_database: Database) -> None:
     from service.migrate import alembic_config
 
     upgrade(old_database)
-    command.downgrade(alembic_config(old_database), "0001")
+    command.downgrade(alembic_config(old_database), PREVIOUS)
     with old_database.engine.connect() as connection:
         assert not inspect(connection).has_table("projects")
         for table in OWNED_TABLES:
