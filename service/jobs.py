@@ -75,10 +75,9 @@ def request_fingerprint(params: dict[str, Any], upload_sha256: str | None = None
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def scoped_idempotency_key(token: str, key: str) -> str:
-    """Scope an ``Idempotency-Key`` to the API token that sent it."""
-    token_hash = hashlib.sha256(token.encode()).hexdigest()[:16]
-    return f"{token_hash}:{key}"
+def scoped_idempotency_key(project_id: str, key: str) -> str:
+    """Scope an ``Idempotency-Key`` to the project whose token sent it."""
+    return f"{project_id}:{key}"
 
 
 def find_idempotent_job(session: Session, scoped_key: str) -> Job | None:
@@ -90,6 +89,7 @@ def create_job(
     db: Database,
     params: dict[str, Any],
     *,
+    project_id: str,
     job_id: str | None = None,
     idempotency_key: str | None = None,
     fingerprint: str | None = None,
@@ -99,6 +99,7 @@ def create_job(
     now = utcnow()
     job = Job(
         id=job_id or new_id("job"),
+        project_id=project_id,
         status=JobStatus.QUEUED,
         model_id=params.pop("model_id", "wan2.2"),
         metadata_=params.pop("metadata", {}) or {},
@@ -183,10 +184,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    session: Session, *, status: str | None, limit: int, cursor: str | None
+    session: Session, project_id: str, *, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Job], str | None]:
-    """Return one page of jobs, newest first, and the cursor of the next page."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    """Return one page of the project's jobs, newest first, and the cursor of the next page."""
+    query = (
+        select(Job)
+        .where(Job.project_id == project_id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit + 1)
+    )
     if status:
         query = query.where(Job.status == status)
     if cursor:
