@@ -72,8 +72,19 @@ def db_upgrade() -> None:
 
 
 @main.command()
-@click.option("--once", is_flag=True, help="Run until no work is due, then exit.")
-def worker(once: bool) -> None:
+@click.option(
+    "--drain",
+    "--once",
+    "drain",
+    is_flag=True,
+    help="Run the work that is due, exit 0 once none is (cron jobs, scheduled runs).",
+)
+@click.option(
+    "--max-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --drain: stop claiming after this long and hand back what is held.",
+)
+def worker(drain: bool, max_seconds: float | None) -> None:
     """Run the worker: submit, download, reconcile, deliver."""
     from service.metrics import start_worker_server
     from service.observability import init_sentry, set_component
@@ -85,7 +96,13 @@ def worker(once: bool) -> None:
     init_sentry(settings, component="worker")
     if settings.worker_metrics_port:
         start_worker_server(services, settings.worker_metrics_host, settings.worker_metrics_port)
-    run_worker(services, once=once)
+    if max_seconds is not None and not drain:
+        raise click.BadParameter("only with --drain", param_hint="--max-seconds")
+    report = run_worker(services, drain=drain, max_seconds=max_seconds)
+    if drain:
+        ran = ", ".join(f"{count} {lane}" for lane, count in report.ran.items())
+        ending = "time budget used up" if report.budget_exhausted else "nothing left due"
+        click.echo(f"drained in {report.seconds:.1f} s ({ending}): ran {ran}", err=True)
 
 
 @main.command()

@@ -26,6 +26,8 @@ PRODUCTION = "production"
 DEFAULTS: dict[str, Any] = {
     "ENV": "development",
     "DATABASE_URL": None,
+    "DATABASE_LISTEN_URL": None,
+    "POLL_INTERVAL": 1,
     "PUBLIC_URL": "http://127.0.0.1:8000",
     "API_TOKENS": None,
     "ADMIN_TOKENS": None,
@@ -213,6 +215,8 @@ class Settings:
     env: str
     instance_path: Path
     database_url: str
+    database_listen_url: str | None = field(repr=False)
+    poll_interval: float
     public_url: str
     api_tokens: tuple[str, ...] = field(repr=False)
     admin_tokens: tuple[str, ...] = field(repr=False)
@@ -294,11 +298,16 @@ class Settings:
             _instance_secret(instance_path, "api_token", "mh_"),
         )
         allow_private = config.get("ALLOW_PRIVATE_TARGETS")
+        poll_interval = _as_seconds("POLL_INTERVAL", config["POLL_INTERVAL"])
+        if poll_interval <= 0:
+            raise ConfigError("MOTIONHOOK_POLL_INTERVAL must be more than 0 seconds")
         schedule = parse_retry_schedule(config.get("RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE))
         return cls(
             env=env,
             instance_path=instance_path,
             database_url=str(database_url),
+            database_listen_url=config.get("DATABASE_LISTEN_URL") or None,
+            poll_interval=poll_interval,
             public_url=str(config["PUBLIC_URL"]).rstrip("/"),
             api_tokens=tokens,
             admin_tokens=_as_list(config.get("ADMIN_TOKENS")),

@@ -3,7 +3,10 @@
 SQLite runs in WAL mode and every transaction starts with ``BEGIN IMMEDIATE``,
 so the single writer is decided up front instead of failing at commit time.
 PostgreSQL wake-ups travel with ``NOTIFY`` inside the writing transaction, so a
-worker hears about new work exactly when it becomes visible.
+worker hears about new work exactly when it becomes visible. Behind a transaction
+pooler (PgBouncer, Neon's and Supabase's pooled URLs; say so with ``?pgbouncer=true``)
+prepared statements are off and LISTEN needs a direct URL of its own
+(``MOTIONHOOK_DATABASE_LISTEN_URL``); without one, workers poll.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ PING_AFTER_IDLE = 1.0
 CHECKED_IN = "motionhook.checked_in"
 NOTIFIED = "motionhook.notified"
 NOTIFY = text("SELECT pg_notify(:channel, '')")
+# The URL flag that says a transaction pooler sits in front of PostgreSQL (Prisma's spelling).
+POOLER_FLAG = "pgbouncer"
 
 
 # What SQLite says when another connection holds the write lock past busy_timeout.
@@ -111,13 +116,32 @@ def normalize_url(url: str) -> str:
     return url
 
 
-class Database:
-    """One engine and session factory per process."""
+def split_pooler_flag(url: str) -> tuple[str, bool]:
+    """Remove the ``pgbouncer`` flag from ``url`` (psycopg refuses unknown parameters);
+    return the URL and whether the flag said a transaction pooler is in the way."""
+    parsed = make_url(url)
+    flag = parsed.query.get(POOLER_FLAG)
+    if flag is None:
+        return url, False
+    pooled = str(flag).strip().lower() in {"1", "true", "yes", "on"}
+    return parsed.difference_update_query([POOLER_FLAG]).render_as_string(False), pooled
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
-        self.url = normalize_url(url)
+
+class Database:
+    """One engine and session factory per process.
+
+    ``listen_url`` is where workers LISTEN for wake-ups: the given direct URL, else
+    the main URL unless it goes through a transaction pooler (then None: poll).
+    """
+
+    def __init__(self, url: str, *, listen_url: str | None = None, pool_size: int = 10) -> None:
+        self.url, self.pooled = split_pooler_flag(normalize_url(url))
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.listen_url: str | None = None
+        if not self.is_sqlite:
+            direct = normalize_url(listen_url) if listen_url else None
+            self.listen_url = direct or (None if self.pooled else self.url)
         self.local_wakeup = threading.Event()
         self.outage = Outage()
         if self.is_sqlite:
@@ -128,7 +152,7 @@ class Database:
             )
             _configure_sqlite(self.engine)
         else:
-            self.engine = _postgresql_engine(self.url, pool_size=pool_size)
+            self.engine = _postgresql_engine(self.url, pool_size=pool_size, pooled=self.pooled)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._relaxed_engine: Engine | None = None
         self._relaxed: sessionmaker[Session] | None = None
@@ -143,7 +167,7 @@ class Database:
         with self._relaxed_lock:
             if self._relaxed is None:
                 self._relaxed_engine = _postgresql_engine(
-                    self.url, pool_size=2, options="-c synchronous_commit=off"
+                    self.url, pool_size=2, pooled=self.pooled, options="-c synchronous_commit=off"
                 )
                 self._relaxed = sessionmaker(self._relaxed_engine, expire_on_commit=False)
             return self._relaxed
@@ -202,9 +226,15 @@ class Database:
             self._relaxed_engine.dispose()
 
 
-def _postgresql_engine(url: str, *, pool_size: int, options: str | None = None) -> Engine:
+def _postgresql_engine(
+    url: str, *, pool_size: int, pooled: bool = False, options: str | None = None
+) -> Engine:
     # A bounded connect: /readyz must answer 503, not hang, when packets are dropped.
     connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
+    if pooled:
+        # A transaction pooler hands each transaction to any server connection: a
+        # statement prepared on one is unknown on the next.
+        connect_args["prepare_threshold"] = None
     if options:
         # Keep the URL's own startup options (a search_path, say): connect_args replace them.
         existing = make_url(url).query.get("options")

@@ -26,7 +26,7 @@ class Services:
 
         return cls(
             settings=settings,
-            db=Database(settings.database_url),
+            db=Database(settings.database_url, listen_url=settings.database_listen_url),
             storage=open_storage(
                 settings.storage_url,
                 s3_endpoint_url=settings.s3_endpoint_url,

@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 import requests
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from service.capacity import next_submit_due
@@ -53,7 +54,7 @@ log = logging.getLogger("motionhook.worker")
 
 T = TypeVar("T")
 
-# Another process's commit cannot wake us on SQLite: look this often.
+# Another process's commit cannot wake us on SQLite: look this often (``serve`` needs not).
 SQLITE_POLL = 0.05
 # Ask the database when work comes due at least this often.
 IDLE_WAIT = 1.0
@@ -86,6 +87,8 @@ class Lane(Generic[T]):
     returned: list[T] = field(init=False, default_factory=list, repr=False)
     # When to look for due items next (time.monotonic()); None: ask the database when.
     check_at: float | None = field(init=False, default=0.0)
+    # Items run to the end (successfully or not) since the worker started.
+    done: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(self.threads, self.name)
@@ -167,14 +170,31 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
 
+@dataclass(frozen=True)
+class DrainReport:
+    """What a drain did: items run per lane, leases handed back, and why it ended."""
+
+    ran: dict[str, int]
+    released: int
+    # True: the time budget ran out while work was still due; False: nothing was left.
+    budget_exhausted: bool
+    seconds: float
+
+
 class Worker:
-    """Claims and runs the work of its lanes until stopped."""
+    """Claims and runs the work of its lanes until stopped.
+
+    ``sole_writer`` says every write to an SQLite database comes from this process
+    (``motionhook serve``): its commits wake the worker, so it waits for those
+    instead of looking every ``SQLITE_POLL``.
+    """
 
     def __init__(
         self,
         services: Services,
         *,
         lanes: Callable[[Services, str], list[Lane[Any]]] = job_lanes,
+        sole_writer: bool = False,
     ) -> None:
         self.services = services
         self.settings = services.settings
@@ -187,16 +207,44 @@ class Worker:
         self.lock = threading.Lock()
         self.lanes = lanes(services, self.owner)
         self.abandoned = 0
+        self.released = 0
+        self.budget_exhausted = False
+        self.deadline: float | None = None
+        self.polls_sqlite = self.db.is_sqlite and not sole_writer
+        # Without LISTEN (a transaction pooler and no direct URL) nothing wakes us: poll.
+        self.idle_wait = (
+            IDLE_WAIT if self.db.is_sqlite or self.db.listen_url else self.settings.poll_interval
+        )
 
     # -- the main loop -------------------------------------------------
 
-    def run(self, *, once: bool = False) -> None:
-        """Claim and run work until stopped (or, with ``once``, until idle)."""
-        if not self.db.is_sqlite:
+    def run(self, *, once: bool = False, deadline: float | None = None) -> None:
+        """Claim and run work until stopped (or, with ``once``, until idle).
+
+        Past ``deadline`` (a ``time.monotonic()``) nothing more is claimed; work in
+        flight gets the shutdown grace, then what is still held is handed back.
+        """
+        self.deadline = deadline
+        if self.db.listen_url:
             threading.Thread(target=self._listen, name="listen", daemon=True).start()
+        elif not self.db.is_sqlite:
+            log.info(
+                "no LISTEN (the database URL goes through a transaction pooler and "
+                "MOTIONHOOK_DATABASE_LISTEN_URL is not set): polling every %.1f s",
+                self.idle_wait,
+            )
+        elif self.polls_sqlite and not once:
+            log.info(
+                "SQLite: other processes' commits cannot wake this worker, polling every "
+                "%.2f s (motionhook serve wakes up in-process instead)",
+                SQLITE_POLL,
+            )
         log.info("worker started", extra={"owner": self.owner})
         while not self.stopping.is_set():
             HEARTBEAT.beat()
+            if deadline is not None and time.monotonic() >= deadline:
+                self.budget_exhausted = True
+                break
             try:
                 if self._pass(once=once):
                     break
@@ -214,6 +262,15 @@ class Worker:
         self.stopping.set()
         self.wake.set()
 
+    def report(self, started: float) -> DrainReport:
+        """What this worker did since ``started`` (a ``time.monotonic()``)."""
+        return DrainReport(
+            ran={lane.name: lane.done for lane in self.lanes},
+            released=self.released,
+            budget_exhausted=self.budget_exhausted,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
     def _pass(self, *, once: bool) -> bool:
         """Hand back, claim, or wait once; True when ``once`` and nothing is left to do."""
         self._hand_back_returned()
@@ -230,7 +287,7 @@ class Worker:
         return False
 
     def _claim(self, lane: Lane[Any]) -> int:
-        if not self.db.is_sqlite and (lane.check_at is None or lane.check_at > time.monotonic()):
+        if not self.polls_sqlite and (lane.check_at is None or lane.check_at > time.monotonic()):
             return 0
         with self.lock:
             if lane.blocked:
@@ -255,7 +312,7 @@ class Worker:
         The database is asked when the next item comes due only after a lane ran
         dry, not on every pass: under load the loop runs once per finished batch.
         """
-        if self.db.is_sqlite:
+        if self.polls_sqlite:
             # Another process's commit cannot signal us on SQLite: look again shortly.
             timeout = SQLITE_POLL
         else:
@@ -265,7 +322,7 @@ class Worker:
                 with self.db.transaction() as session:
                     dues = [(lane, lane.next_due(session)) for lane in asking]
                 for lane, due in dues:
-                    wait = IDLE_WAIT
+                    wait = self.idle_wait
                     if due is not None:
                         wait = min(wait, max(0.0, (due - utcnow()).total_seconds()))
                     lane.check_at = now + wait
@@ -275,7 +332,9 @@ class Worker:
                     for lane in self.lanes
                     if lane.check_at is not None and not lane.blocked
                 ]
-            timeout = min([IDLE_WAIT, *(max(0.0, at - now) for at in ready)])
+            timeout = min([self.idle_wait, *(max(0.0, at - now) for at in ready)])
+        if self.deadline is not None:
+            timeout = min(timeout, max(0.0, self.deadline - time.monotonic()))
         self.wake.wait(timeout)
         self.wake.clear()
 
@@ -285,8 +344,11 @@ class Worker:
         Its failures count towards the process's outage (one WARNING, shared
         backoff); recovery is the main loop's to declare, once claims work again.
         """
-        conninfo = self.db.engine.url.set(drivername="postgresql").render_as_string(
-            hide_password=False
+        assert self.db.listen_url is not None, "run starts this thread only with a listen URL"
+        conninfo = (
+            make_url(self.db.listen_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
         )
         while not self.stopping.is_set():
             try:
@@ -324,6 +386,7 @@ class Worker:
         error = None if future.cancelled() else future.exception()
         with self.lock:
             lane.held.pop(future, None)
+            lane.done += 1
             if error is not None and database_unavailable(error):
                 lane.returned.append(item)
             worth_waking = not lane.blocked
@@ -391,13 +454,27 @@ class Worker:
         # Work still running past the grace period was handed back above; its threads
         # may sit in a network call for a while yet, so run_worker must not wait for them.
         self.abandoned = len(running)
-        released = sum(len(items) for items in back.values())
-        log.info("worker stopped", extra={"released": released})
+        self.released = sum(len(items) for items in back.values())
+        log.info("worker stopped", extra={"released": self.released})
 
 
-def run_worker(services: Services, *, once: bool = False) -> None:
-    """Run a worker in this process until SIGTERM/SIGINT (exit 0 after a clean stop)."""
+def drain_due_work(services: Services, *, max_seconds: float | None = None) -> DrainReport:
+    """Run due work until none is due or ``max_seconds`` are up; say what was done."""
     worker = Worker(services)
+    started = time.monotonic()
+    worker.run(once=True, deadline=None if max_seconds is None else started + max_seconds)
+    return worker.report(started)
+
+
+def run_worker(
+    services: Services, *, drain: bool = False, max_seconds: float | None = None
+) -> DrainReport:
+    """Run a worker in this process until SIGTERM/SIGINT (exit 0 after a clean stop).
+
+    ``drain``: stop once no work is due, or after ``max_seconds``.
+    """
+    worker = Worker(services)
+    started = time.monotonic()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("stopping on signal", extra={"signal": signum})
@@ -405,9 +482,13 @@ def run_worker(services: Services, *, once: bool = False) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    worker.run(once=once)
+    worker.run(
+        once=drain,
+        deadline=None if max_seconds is None else started + max_seconds,
+    )
     if worker.abandoned:
         # Threads stuck past the deadline would keep the interpreter alive at exit
         # (executor threads are joined); their leases are released: leave now.
         flush_all()
         os._exit(0)
+    return worker.report(started)

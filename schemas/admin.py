@@ -1,0 +1,37 @@
+"""Operator endpoints: draining due work inside a request (DESIGN §10)."""
+
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, fields, validate
+
+# Below gunicorn's default 30 s request timeout; Cloud Run allows up to an hour.
+DEFAULT_DRAIN_SECONDS = 25.0
+MAX_DRAIN_SECONDS = 3600.0
+
+
+class DrainQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    max_seconds = fields.Float(
+        load_default=DEFAULT_DRAIN_SECONDS,
+        allow_nan=False,
+        validate=validate.Range(min=0, max=MAX_DRAIN_SECONDS, min_inclusive=False),
+        metadata={
+            "description": "Stop claiming work after this long (in-flight work gets the "
+            "shutdown grace, then is handed back)"
+        },
+    )
+
+
+class DrainReportSchema(Schema):
+    ran = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={"description": "Items run to the end, per kind of work (submit, task, delivery)"},
+    )
+    released = fields.Integer(metadata={"description": "Leases handed back unfinished"})
+    budget_exhausted = fields.Boolean(
+        metadata={"description": "True: time ran out while work was due; call again"}
+    )
+    seconds = fields.Float()
