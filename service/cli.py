@@ -1,7 +1,8 @@
-"""The ``motionhook`` command: dev, worker, db upgrade, simulate, demo, prune, projects, tokens."""
+"""The ``motionhook`` command: serve, worker, dev, db, simulate, demo, prune, projects, tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -103,6 +104,47 @@ def worker(drain: bool, max_seconds: float | None) -> None:
         ran = ", ".join(f"{count} {lane}" for lane, count in report.ran.items())
         ending = "time budget used up" if report.budget_exhausted else "nothing left due"
         click.echo(f"drained in {report.seconds:.1f} s ({ending}): ran {ran}", err=True)
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", envvar="PORT", default=8000, show_default=True, help="Port ($PORT).")
+@click.option(
+    "--threads",
+    envvar="GUNICORN_THREADS",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Request threads ($GUNICORN_THREADS).",
+)
+@click.option(
+    "--upgrade", is_flag=True, help="Apply pending migrations first (SQLite on a volume)."
+)
+@click.option(
+    "--gunicorn-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("deploy/gunicorn.conf.py"),
+    show_default=True,
+    help="gunicorn settings file, read when it exists (workers and preload are overridden).",
+)
+def serve(host: str, port: int, threads: int, upgrade: bool, gunicorn_config: Path) -> None:
+    """Run the web server and the worker in one process (one dyno, container or machine)."""
+    from service import create_app
+    from service.serve import serve as run_serve
+
+    services = load_services()
+    if upgrade:
+        from service.migrate import upgrade as upgrade_database
+
+        upgrade_database(services.db)
+    services.db.dispose()
+    run_serve(
+        create_app,
+        bind=f"{host}:{port}",
+        threads=threads,
+        shutdown_grace=services.settings.shutdown_grace,
+        config_file=gunicorn_config if gunicorn_config.is_file() else None,
+    )
 
 
 @main.command()

@@ -1,0 +1,115 @@
+"""``motionhook serve``: the web server and the worker in one process, one command.
+
+gunicorn serves the app with one worker process of ``gthread`` threads; that
+process also runs the motionhook worker on a thread of its own, built on the
+app's very :class:`~service.extension.Services`. So on SQLite every commit of a
+request sets the worker's in-process wake-up (``Database.local_wakeup``): no
+polling while idle, no second process. On PostgreSQL the worker LISTENs as the
+standalone one does. SIGTERM (or SIGINT) reaches gunicorn's worker process, which
+stops taking requests and stops the motionhook worker at the same moment; work
+in flight gets ``MOTIONHOOK_SHUTDOWN_GRACE`` and what is left is handed back, so
+the next start (or another worker) picks it up.
+
+One web process, not ``WEB_CONCURRENCY`` of them: a second process's commits could
+not wake this worker on SQLite. Scale out with ``web`` + ``worker`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import Application
+
+from service.observability import flush_all, set_component
+from service.worker import Worker
+
+# Time for gunicorn to wait for the worker process, past the worker's own grace.
+EXIT_MARGIN = 5.0
+DEFAULT_THREADS = 8
+
+
+class ServeApplication(Application):  # type: ignore[misc]
+    """gunicorn running one app, with the motionhook worker beside it in the same process."""
+
+    def __init__(self, app_factory: Callable[[], Flask], options: dict[str, Any]) -> None:
+        self.app_factory = app_factory
+        self.options = options
+        self.config_file: Path | None = options.pop("config_file", None)
+        super().__init__()
+
+    def load_config(self) -> None:
+        if self.config_file is not None:
+            self.load_config_from_file(str(self.config_file))
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+        self.cfg.set("post_worker_init", start_worker)
+        self.cfg.set("worker_exit", stop_worker)
+
+    def load(self) -> Flask:
+        return self.app_factory()
+
+
+# The motionhook worker of this (gunicorn worker) process and the thread running it.
+_RUNNING: dict[str, Any] = {}
+
+
+def start_worker(web_worker: Any) -> None:
+    """gunicorn ``post_worker_init``: run the motionhook worker beside the web threads."""
+    app: Flask = web_worker.wsgi
+    set_component("serve")
+    worker = Worker(app.extensions["motionhook"], sole_writer=True)
+    thread = threading.Thread(target=worker.run, name="motionhook-worker")
+    _RUNNING.update(worker=worker, thread=thread)
+    gunicorn_on_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        # Stop claiming as soon as the web side stops accepting, not after it drained.
+        worker.stop()
+        if callable(gunicorn_on_term):
+            gunicorn_on_term(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+    thread.start()
+
+
+def stop_worker(_arbiter: Any, _web_worker: Any) -> None:
+    """gunicorn ``worker_exit``: stop the motionhook worker and wait for its hand-back."""
+    worker: Worker | None = _RUNNING.get("worker")
+    thread: threading.Thread | None = _RUNNING.get("thread")
+    if worker is None or thread is None:
+        return
+    worker.stop()
+    thread.join(worker.settings.shutdown_grace + EXIT_MARGIN)
+    if worker.abandoned:
+        # As run_worker: threads stuck past the grace would hold the exit; leases are back.
+        flush_all()
+        os._exit(0)
+
+
+def serve(
+    app_factory: Callable[[], Flask],
+    *,
+    bind: str,
+    threads: int,
+    shutdown_grace: float,
+    config_file: Path | None,
+) -> None:
+    """Run gunicorn (one process, ``threads`` threads) and the worker until stopped."""
+    options: dict[str, Any] = {
+        "config_file": config_file,
+        "bind": [bind],
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": threads,
+        # The app is built in the worker process, where the motionhook worker runs.
+        "preload_app": False,
+        "graceful_timeout": math.ceil(shutdown_grace + EXIT_MARGIN),
+    }
+    ServeApplication(app_factory, options).run()
