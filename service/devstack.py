@@ -158,6 +158,13 @@ class Stack:
         self._wait_ready(process, f"{self.web_url}/readyz")
         return process
 
+    def start_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        """``motionhook serve``: web and worker in one process, ready when /readyz says so."""
+        argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
+        process = self.spawn("serve", [*argv, "--port", str(self.web_port)], extra_env)
+        self._wait_ready(process, f"{self.web_url}/readyz")
+        return process
+
     def start_worker(self, extra_env: Mapping[str, str] | None = None) -> Process:
         return self.spawn("worker", [sys.executable, "-m", "service.cli", "worker"], extra_env)
 

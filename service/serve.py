@@ -5,10 +5,10 @@ process also runs the motionhook worker on a thread of its own, built on the
 app's very :class:`~service.extension.Services`. So on SQLite every commit of a
 request sets the worker's in-process wake-up (``Database.local_wakeup``): no
 polling while idle, no second process. On PostgreSQL the worker LISTENs as the
-standalone one does. SIGTERM (or SIGINT) reaches gunicorn's worker process, which
-stops taking requests and stops the motionhook worker at the same moment; work
-in flight gets ``MOTIONHOOK_SHUTDOWN_GRACE`` and what is left is handed back, so
-the next start (or another worker) picks it up.
+standalone one does. On SIGTERM the motionhook worker stops claiming, work in
+flight gets ``MOTIONHOOK_SHUTDOWN_GRACE`` (the web side still serving, since that
+work may need it: ModelsLab fetches uploaded images from /media) and what is left
+is handed back for the next start; then gunicorn stops the web side gracefully.
 
 One web process, not ``WEB_CONCURRENCY`` of them: a second process's commits could
 not wake this worker on SQLite. Scale out with ``web`` + ``worker`` on PostgreSQL.
@@ -70,10 +70,16 @@ def start_worker(web_worker: Any) -> None:
     gunicorn_on_term = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: Any) -> None:
-        # Stop claiming as soon as the web side stops accepting, not after it drained.
-        worker.stop()
-        if callable(gunicorn_on_term):
-            gunicorn_on_term(signum, frame)
+        # The worker stops first and the web side keeps serving meanwhile: work in
+        # flight may need this very process (ModelsLab fetching an uploaded image
+        # from /media, a callback). Then gunicorn's own handler stops the web side.
+        def stop_then_exit() -> None:
+            worker.stop()
+            thread.join(worker.settings.shutdown_grace + EXIT_MARGIN)
+            if callable(gunicorn_on_term):
+                gunicorn_on_term(signum, frame)
+
+        threading.Thread(target=stop_then_exit, name="serve-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     thread.start()
@@ -110,6 +116,6 @@ def serve(
         "threads": threads,
         # The app is built in the worker process, where the motionhook worker runs.
         "preload_app": False,
-        "graceful_timeout": math.ceil(shutdown_grace + EXIT_MARGIN),
+        "graceful_timeout": math.ceil(2 * (shutdown_grace + EXIT_MARGIN)),
     }
     ServeApplication(app_factory, options).run()

@@ -1,0 +1,190 @@
+"""Run modes (DESIGN §10): ``serve`` in one process, ``worker --drain``, the drain endpoint.
+
+``serve`` runs as a real process over loopback with the simulator and a local
+receiver; the drain endpoint runs in the app with a real local sink.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import text
+
+from service import create_app
+from service.demo import start_receiver
+from service.devstack import SAMPLE_IMAGE, Stack
+from service.extension import Services
+from service.migrate import upgrade
+from tests.conftest import ENGINES, TOKEN, _make_url, app_config, eventually
+
+ADMIN = "admin-token-for-tests"
+SMALL_VIDEO = {"width": 128, "height": 128, "num_frames": 8, "prompt": "a slow pan"}
+SERVE_ENV = {"GUNICORN_ACCESS_LOG": "0", "MOTIONHOOK_RATELIMIT": "1000000/minute"}
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, queue.Queue[tuple[dict[str, str], bytes]]]]:
+    server, received = start_receiver()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def submit(stack: Stack, webhook_url: str) -> str:
+    with SAMPLE_IMAGE.open("rb") as image:
+        response = stack.api().post(
+            f"{stack.web_url}/v1/jobs",
+            data={**SMALL_VIDEO, "webhook_url": webhook_url},
+            files={"image": image},
+            timeout=10,
+        )
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def completed_jobs(received: queue.Queue[tuple[dict[str, str], bytes]]) -> set[str]:
+    """Ids of the jobs whose job.completed arrived since the last look."""
+    done: set[str] = set()
+    while not received.empty():
+        _headers, body = received.get_nowait()
+        event = json.loads(body)
+        if event["type"] == "job.completed":
+            done.add(event["data"]["id"])
+    return done
+
+
+@pytest.mark.e2e
+def test_serve_runs_a_job_end_to_end_in_one_process(
+    make_stack: Callable[..., Stack], receiver: tuple[str, Any]
+) -> None:
+    url, received = receiver
+    stack = make_stack(**SERVE_ENV)
+    stack.migrate()
+    stack.start_simulator("--delay", "0.2", "--eta", "1")
+    serve = stack.start_serve()
+    job_id = submit(stack, url)
+    done: set[str] = set()
+
+    def completed() -> bool:
+        done.update(completed_jobs(received))
+        return job_id in done
+
+    eventually(stack, completed, "job.completed at the receiver", timeout=DEADLINE)
+    serve.signal(signal.SIGTERM)
+    assert serve.popen.wait(30) == 0
+    assert [p.name for p in stack.processes] == ["simulator", "serve"]
+
+
+@pytest.mark.e2e
+def test_sigterm_during_work_loses_nothing(
+    make_stack: Callable[..., Stack], receiver: tuple[str, Any]
+) -> None:
+    url, received = receiver
+    stack = make_stack(**SERVE_ENV, MOTIONHOOK_SHUTDOWN_GRACE="5")
+    stack.migrate()
+    stack.start_simulator("--delay", "0.5", "--eta", "1")
+    first = stack.start_serve()
+    jobs = {submit(stack, url) for _ in range(3)}
+    first.signal(signal.SIGTERM)
+    assert first.popen.wait(30) == 0
+    # Whatever the first process held was handed back: a fresh one finishes every job.
+    stack.start_serve()
+    done: set[str] = set()
+
+    def all_done() -> bool:
+        done.update(completed_jobs(received))
+        return jobs <= done
+
+    eventually(stack, all_done, "every job completed after the restart", timeout=DEADLINE)
+
+
+@pytest.fixture(params=ENGINES)
+def admin_app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Flask]:
+    url = _make_url(request, request.param, tmp_path)
+    app = create_app(app_config(url, tmp_path, ADMIN_TOKENS=ADMIN, ALLOW_PRIVATE_TARGETS=True))
+    services: Services = app.extensions["motionhook"]
+    upgrade(services.db)
+    yield app
+    services.db.dispose()
+
+
+def as_admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN}"}
+
+
+def test_drain_endpoint_refuses_client_tokens(admin_app: Flask) -> None:
+    response = admin_app.test_client().post(
+        "/v1/admin/drain", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status_code == 403
+    assert "admin token" in response.get_json()["message"]
+
+
+def test_drain_endpoint_names_a_bad_budget(admin_app: Flask) -> None:
+    response = admin_app.test_client().post("/v1/admin/drain?max_seconds=0", headers=as_admin())
+    assert response.status_code == 422
+    assert "max_seconds" in response.get_json()["message"]
+
+
+def test_drain_endpoint_runs_due_work_and_says_what_it_did(
+    admin_app: Flask, receiver: tuple[str, Any]
+) -> None:
+    url, received = receiver
+    client = admin_app.test_client()
+    writer = {"Authorization": f"Bearer {TOKEN}"}
+    created = client.post("/v1/subscriptions", json={"kind": "webhook", "url": url}, headers=writer)
+    assert created.status_code == 201, created.get_json()
+    ping = client.post(f"/v1/subscriptions/{created.get_json()['id']}/test", headers=writer)
+    assert ping.status_code in (200, 202), ping.get_json()
+
+    response = client.post("/v1/admin/drain?max_seconds=20", headers=as_admin())
+
+    assert response.status_code == 200
+    report = response.get_json()
+    assert report["ran"]["delivery"] == 1
+    assert report["budget_exhausted"] is False
+    assert report["released"] == 0
+    _headers, body = received.get(timeout=5)
+    assert json.loads(body)["type"] == "test.ping"
+
+
+def test_drain_endpoint_with_nothing_due_answers_at_once(admin_app: Flask) -> None:
+    response = admin_app.test_client().post("/v1/admin/drain?max_seconds=20", headers=as_admin())
+    assert response.status_code == 200
+    report = response.get_json()
+    assert sum(report["ran"].values()) == 0
+    assert report["budget_exhausted"] is False
+    assert report["seconds"] < 20
+
+
+def test_worker_drain_exits_0_when_idle_and_leaves_nothing_claimed(admin_app: Flask) -> None:
+    services: Services = admin_app.extensions["motionhook"]
+    env = {
+        "MOTIONHOOK_DATABASE_URL": services.settings.database_url,
+        "MOTIONHOOK_API_TOKENS": TOKEN,
+        "MOTIONHOOK_INSTANCE_PATH": str(services.settings.instance_path),
+        "PATH": "/usr/bin:/bin",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "worker", "--drain", "--max-seconds", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "nothing left due" in done.stderr
+    with services.db.transaction() as session:
+        leased = session.execute(
+            text("SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL")
+        ).scalar_one()
+    assert leased == 0
