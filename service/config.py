@@ -7,6 +7,7 @@ CLI) reads. Nothing here imports Flask: the worker runs without it.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -18,6 +19,8 @@ from typing import Any
 ENV_PREFIX = "MOTIONHOOK_"
 DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 PRODUCTION = "production"
+# The ModelsLab key when none is configured (the simulator takes any): not a secret.
+SIMULATOR_API_KEY = "simulator"
 
 DEFAULTS: dict[str, Any] = {
     "ENV": "development",
@@ -41,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "MEDIA_URL_TTL": 7 * 24 * 3600,
     "UPSTREAM_TIMEOUT": 30,
     "MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
+    "MAX_CALLBACKS_PER_JOB": 50,
     "MAX_OUTPUT_BYTES": 200 * 1024 * 1024,
     "DOWNLOAD_DEADLINE": 900,
     "DOWNLOAD_TIMEOUT": 300,
@@ -141,30 +145,32 @@ def parse_retry_schedule(value: Any) -> tuple[float, ...]:
     return tuple(schedule)
 
 
-def _instance_secret(instance: Path, name: str, prefix: str = "") -> str:
-    """Return a development secret kept in ``instance/``, generating it on first use."""
+def _instance_secret(instance: Path, name: str, value: str) -> str:
+    """Return a development secret kept in ``instance/``, storing ``value`` on first use.
+
+    The file appears complete and 0600 in one step (written under a private name,
+    then hard-linked into place), so no process ever reads it half-written or
+    world-readable; when two processes race, both use the one that was linked first.
+    """
     path = instance / name
     if path.exists():
         return path.read_text().strip()
     instance.mkdir(parents=True, exist_ok=True)
-    value = prefix + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    partial = instance / f".{name}.{secrets.token_hex(8)}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(value)
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        value = path.read_text().strip()
+    finally:
+        partial.unlink()
     return value
 
 
-def _dev_webhook_secret(instance: Path) -> str:
-    import base64
-
-    path = instance / "webhook_secret"
-    if path.exists():
-        return path.read_text().strip()
-    instance.mkdir(parents=True, exist_ok=True)
-    value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    path.write_text(value)
-    path.chmod(0o600)
-    return value
+def _new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,7 @@ class Settings:
     media_url_ttl: float
     upstream_timeout: float
     max_upload_bytes: int
+    max_callbacks_per_job: int
     max_output_bytes: int
     download_deadline: float
     download_timeout: float
@@ -246,7 +253,9 @@ class Settings:
         tokens = _as_list(config.get("API_TOKENS"))
         generated = False
         if not tokens:
-            tokens = (_instance_secret(instance_path, "api_token", "mh_"),)
+            tokens = (
+                _instance_secret(instance_path, "api_token", "mh_" + secrets.token_urlsafe(32)),
+            )
             generated = True
         allow_private = config.get("ALLOW_PRIVATE_TARGETS")
         schedule = parse_retry_schedule(config.get("RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE))
@@ -258,11 +267,15 @@ class Settings:
             api_tokens=tokens,
             generated_tokens=generated,
             callback_secret=str(
-                config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
+                config.get("CALLBACK_SECRET")
+                or _instance_secret(instance_path, "callback_secret", secrets.token_urlsafe(32))
             ),
             callback_secret_previous=config.get("CALLBACK_SECRET_PREVIOUS") or None,
-            webhook_secret=str(config.get("WEBHOOK_SECRET") or _dev_webhook_secret(instance_path)),
-            modelslab_api_key=str(config.get("MODELSLAB_API_KEY") or "simulator"),
+            webhook_secret=str(
+                config.get("WEBHOOK_SECRET")
+                or _instance_secret(instance_path, "webhook_secret", _new_webhook_secret())
+            ),
+            modelslab_api_key=str(config.get("MODELSLAB_API_KEY") or SIMULATOR_API_KEY),
             modelslab_base_url=str(config["MODELSLAB_BASE_URL"]).rstrip("/"),
             storage_url=str(config.get("STORAGE_URL") or f"file://{instance_path / 'media'}"),
             s3_endpoint_url=config.get("S3_ENDPOINT_URL") or None,
@@ -278,6 +291,7 @@ class Settings:
             media_url_ttl=_as_seconds("MEDIA_URL_TTL", config["MEDIA_URL_TTL"]),
             upstream_timeout=_as_seconds("UPSTREAM_TIMEOUT", config["UPSTREAM_TIMEOUT"]),
             max_upload_bytes=int(config["MAX_UPLOAD_BYTES"]),
+            max_callbacks_per_job=int(config["MAX_CALLBACKS_PER_JOB"]),
             max_output_bytes=int(config["MAX_OUTPUT_BYTES"]),
             download_deadline=_as_seconds("DOWNLOAD_DEADLINE", config["DOWNLOAD_DEADLINE"]),
             download_timeout=_as_seconds("DOWNLOAD_TIMEOUT", config["DOWNLOAD_TIMEOUT"]),

@@ -66,7 +66,7 @@ def create(params: dict[str, Any]) -> dict[str, Any]:
     check_target(params["url"])
     with services().db.transaction() as session:
         sub = create_subscription(session, params)
-        return subscription_resource(sub, secret=sub.secret)
+        return subscription_resource(sub, secret=sub.secret, full_url=True)
 
 
 @blp.get("")
