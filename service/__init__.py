@@ -33,6 +33,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + UPLOAD_OVERHEAD
     app.extensions["motionhook"] = Services.build(settings)
     init_observability(app, settings)
-    inputs.init_app(app)
     register_api(app)
+    inputs.init_app(app)
     return app

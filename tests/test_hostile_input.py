@@ -298,3 +298,10 @@ def test_callback_with_a_long_status_is_400(
     job_id = new_job(client, auth)
     response = post_callback(job_id, {"status": "x" * 20, "id": 7})
     assert response.status_code == 400
+
+
+def test_bodies_of_unauthenticated_requests_are_not_parsed(client: FlaskClient) -> None:
+    nested = "[" * 1000 + "]" * 1000
+    for path in ("/v1/jobs", "/v1/subscriptions"):
+        response = raw_post(client, path, f'{{"x": {nested}, "y": NaN}}', {})
+        assert response.status_code == 401, path

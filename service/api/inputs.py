@@ -3,9 +3,11 @@
 Request JSON is parsed by :mod:`schemas.strict_json` (the app's JSON provider),
 so ``request.get_json`` never yields ``NaN``, ``Infinity``, a NUL or a document
 deep enough to exhaust the stack. A JSON body is parsed once before the view
-runs: flask-smorest's argument parser reads the raw body with the standard
-``json`` module, which is safe once the same bytes passed here. Callbacks are
-left alone until their signature is checked (their view parses strictly itself).
+runs, after the blueprint's own checks (authentication: an anonymous client
+never makes us read a body): flask-smorest's argument parser reads the raw body
+with the standard ``json`` module, which is safe once the same bytes passed
+here. Callbacks are left alone until their signature is checked (their view
+parses strictly itself).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class StrictJSONProvider(DefaultJSONProvider):
 
 
 def refuse_hostile_input() -> None:
-    """Answer 4xx for a NUL in the path, the query or a header, or a body we refuse."""
+    """Answer 400 for a NUL in the path, the query or a header."""
     if NUL in request.path:
         abort(400, message="path must not contain NUL characters")
     for name, value in request.args.items(multi=True):
@@ -51,10 +53,19 @@ def refuse_hostile_input() -> None:
     for name, value in request.headers.items():
         if NUL in value:
             abort(400, message=f"header {name}: must not contain NUL characters")
-    if request.is_json and request.blueprint not in RAW_BODY_BLUEPRINTS:
-        request.get_json(silent=True)  # raises for what strict parsing refuses; cached
+
+
+def refuse_hostile_json() -> None:
+    """Parse a JSON body strictly (4xx for what it refuses); views get it from the cache."""
+    if request.is_json:
+        request.get_json(silent=True)
 
 
 def init_app(app: Flask) -> None:
+    """Install the strict JSON provider and the checks; call after registering blueprints."""
     app.json = StrictJSONProvider(app)
     app.before_request(refuse_hostile_input)
+    for name in app.blueprints:
+        if name not in RAW_BODY_BLUEPRINTS:
+            # Blueprint hooks run after the app's, in order: this one after authentication.
+            app.before_request_funcs.setdefault(name, []).append(refuse_hostile_json)
