@@ -53,9 +53,7 @@ def mask_target_url(kind: str, url: str) -> str:
     if kind in SECRET_URL_KINDS:
         segments = path.split("/")
         last = max((i for i, segment in enumerate(segments) if segment), default=None)
-        segments = [
-            MASK if i == last else _shorten(segment) for i, segment in enumerate(segments)
-        ]
+        segments = [MASK if i == last else _shorten(segment) for i, segment in enumerate(segments)]
         path, query, fragment = "/".join(segments), "", ""
     return urlunsplit((parts.scheme, netloc, path, query, fragment))
 
