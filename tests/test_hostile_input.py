@@ -26,6 +26,10 @@ def raw_post(client: FlaskClient, path: str, body: str, auth: dict[str, str]) ->
     return client.post(path, data=body, content_type="application/json", headers=auth)
 
 
+def post_form(client: FlaskClient, fields: dict[str, str], auth: dict[str, str]) -> Any:
+    return client.post("/v1/jobs", data=fields, content_type="multipart/form-data", headers=auth)
+
+
 def new_job(client: FlaskClient, auth: dict[str, str]) -> str:
     response = client.post("/v1/jobs", json={"init_image": IMAGE}, headers=auth)
     assert response.status_code == 202, response.get_json()
@@ -80,12 +84,7 @@ def test_a_bare_non_finite_body_is_400(client: FlaskClient, auth: dict[str, str]
 def test_non_finite_number_in_multipart_metadata_is_422(
     client: FlaskClient, auth: dict[str, str]
 ) -> None:
-    response = client.post(
-        "/v1/jobs",
-        data={"init_image": IMAGE, "metadata": '{"x": NaN}'},
-        content_type="multipart/form-data",
-        headers=auth,
-    )
+    response = post_form(client, {"init_image": IMAGE, "metadata": '{"x": NaN}'}, auth)
     assert response.status_code == 422
     assert "metadata" in response.get_json()["message"]
 
@@ -205,12 +204,7 @@ def test_nul_in_a_subscription_is_422(client: FlaskClient, auth: dict[str, str])
 def test_nul_in_a_multipart_field_is_422(
     client: FlaskClient, auth: dict[str, str], services: Services
 ) -> None:
-    response = client.post(
-        "/v1/jobs",
-        data={"init_image": IMAGE, "prompt": "a\x00cat"},
-        content_type="multipart/form-data",
-        headers=auth,
-    )
+    response = post_form(client, {"init_image": IMAGE, "prompt": "a\x00cat"}, auth)
     assert response.status_code == 422
     assert response.get_json()["errors"]["json"] == {"prompt": ["must not contain NUL characters"]}
     assert job_count(services) == 0
