@@ -9,6 +9,7 @@ worker hears about new work exactly when it becomes visible.
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 WAKEUP_CHANNEL = "motionhook_work"
@@ -28,6 +31,11 @@ PING_AFTER_IDLE = 1.0
 CHECKED_IN = "motionhook.checked_in"
 NOTIFIED = "motionhook.notified"
 NOTIFY = text("SELECT pg_notify(:channel, '')")
+# SQLite result codes of "another connection holds the lock" (busy_timeout ran out).
+SQLITE_LOCK_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
+# PostgreSQL SQLSTATEs of a server that is going away, starting up or full; class 08 is
+# "connection exception". (psycopg gives no SQLSTATE when it could not connect at all.)
+POSTGRESQL_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
 def normalize_url(url: str) -> str:
@@ -104,6 +112,29 @@ class Database:
         self.engine.dispose()
         if self._relaxed_engine is not None:
             self._relaxed_engine.dispose()
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means the database cannot be reached right now (wait and retry).
+
+    True for a refused, lost or timed-out connection, a server shutting down, starting
+    up or out of connection slots, a pool with no free connection, and SQLite's
+    ``database is locked``. False for everything else, integrity and schema errors
+    above all: those are bugs, and must surface as such.
+    """
+    if isinstance(error, DisconnectionError | PoolTimeout):
+        return True
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    cause = error.orig
+    if isinstance(cause, sqlite3.OperationalError):
+        return getattr(cause, "sqlite_errorname", None) in SQLITE_LOCK_CODES
+    if isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError):
+        state = cause.sqlstate
+        return state is None or state.startswith("08") or state in POSTGRESQL_UNAVAILABLE_STATES
+    return False
 
 
 def _postgresql_engine(url: str, *, pool_size: int, options: str | None = None) -> Engine:
