@@ -211,7 +211,7 @@ class DatabaseCollector:
             labels=["kind", "status"],
         )
         attempts = GaugeMetricFamily(
-            "motionhook_delivery_attempts_last_5m",
+            "motionhook_delivery_attempts_recent",
             "Delivery attempts of the last 5 minutes by outcome "
             "(delivered, retry, failed, permanent).",
             labels=["outcome"],

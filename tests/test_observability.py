@@ -287,7 +287,7 @@ def test_metrics_move_as_a_job_flows(flow_app: Flask) -> None:
         assert value(worked, recent, kind="webhook", status="delivered") == 1
         assert value(worked, recent, kind="webhook", status="failed") == 1
         assert value(worked, recent, kind="slack", status="pending") == 0
-        attempts = "motionhook_delivery_attempts_last_5m"
+        attempts = "motionhook_delivery_attempts_recent"
         assert value(worked, attempts, outcome="delivered") == 1
         assert value(worked, attempts, outcome="permanent") == 1
         assert value(worked, attempts, outcome="retry") == 0
