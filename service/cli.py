@@ -179,10 +179,12 @@ def demo(timeout: float) -> None:
 
 
 def _duration(_ctx: object, _param: object, value: str) -> object:
-    from service.prune import parse_duration
+    from datetime import timedelta
+
+    from service.config import parse_duration
 
     try:
-        return parse_duration(value)
+        return timedelta(seconds=parse_duration(value, unit_required=True, positive=True))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 

@@ -8,7 +8,9 @@ CLI) reads. Nothing here imports Flask: the worker runs without it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MOTIONHOOK_"
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 PRODUCTION = "production"
 
@@ -110,33 +114,52 @@ def _as_list(value: Any) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(value).split(",") if part.strip())
 
 
-def _as_seconds(name: str, value: Any) -> float:
-    """Accept a number of seconds, or a string with an s/m/h/d suffix."""
-    if isinstance(value, int | float):
-        return float(value)
+def parse_duration(value: Any, *, unit_required: bool = False, positive: bool = False) -> float:
+    """Seconds from a number or from text such as ``45``, ``45s``, ``90m``, ``12h``, ``2w``.
+
+    ``unit_required`` refuses a bare number (``--older-than 30`` would be ambiguous);
+    ``positive`` refuses zero. Negative and non-finite values are always refused.
+    """
     text = str(value).strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = DURATION.fullmatch(text) if not isinstance(value, bool) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif match is not None and (match.group(2) or not unit_required):
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    else:
+        example = "30d, 12h, 90m, 45s or 2w" if unit_required else "45, 90m, 12h or 30d"
+        raise ValueError(f"{text!r} is not a duration such as {example}")
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise ValueError(f"{text!r} must be {'longer than zero' if positive else 'zero or more'}")
+    return seconds
+
+
+def _as_seconds(name: str, value: Any) -> float:
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"MOTIONHOOK_{name} must be a number of seconds, got {text!r}") from None
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"MOTIONHOOK_{name}: {exc}") from None
 
 
 def parse_retry_schedule(value: Any) -> tuple[float, ...]:
     """Parse ``5,300,1800`` into seconds, naming the bad item when one is not a number."""
-    items = _as_list(value) if not isinstance(value, int | float) else (str(value),)
+    if isinstance(value, list | tuple):
+        items = [str(item) for item in value]
+    else:
+        items = [str(value)] if isinstance(value, int | float) else str(value).split(",")
+    if [item.strip() for item in items] == [""]:
+        raise ConfigError("MOTIONHOOK_RETRY_SCHEDULE is empty")
     schedule = []
-    for item in items:
+    for position, item in enumerate(items, start=1):
         try:
             seconds = float(item)
         except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
             raise ConfigError(
-                f"MOTIONHOOK_RETRY_SCHEDULE item {item!r} is not a number of seconds"
-            ) from None
-        if seconds < 0:
-            raise ConfigError(f"MOTIONHOOK_RETRY_SCHEDULE item {item!r} is negative")
+                f"MOTIONHOOK_RETRY_SCHEDULE item {position} ({item.strip()!r}) is not a "
+                "non-negative number of seconds"
+            )
         schedule.append(seconds)
     return tuple(schedule)
 
@@ -205,7 +228,6 @@ class Settings:
     ratelimit: str
     ratelimit_storage_url: str
     log_level: str
-    generated_tokens: bool = field(default=False)
     metrics_token: str | None = field(default=None, repr=False)
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "0.0.0.0"
@@ -243,11 +265,9 @@ class Settings:
                     "or set MOTIONHOOK_ALLOW_SQLITE_IN_PRODUCTION=1"
                 )
         database_url = config.get("DATABASE_URL") or f"sqlite:///{instance_path / 'motionhook.db'}"
-        tokens = _as_list(config.get("API_TOKENS"))
-        generated = False
-        if not tokens:
-            tokens = (_instance_secret(instance_path, "api_token", "mh_"),)
-            generated = True
+        tokens = _as_list(config.get("API_TOKENS")) or (
+            _instance_secret(instance_path, "api_token", "mh_"),
+        )
         allow_private = config.get("ALLOW_PRIVATE_TARGETS")
         schedule = parse_retry_schedule(config.get("RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE))
         return cls(
@@ -256,7 +276,6 @@ class Settings:
             database_url=str(database_url),
             public_url=str(config["PUBLIC_URL"]).rstrip("/"),
             api_tokens=tokens,
-            generated_tokens=generated,
             callback_secret=str(
                 config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
             ),

@@ -20,11 +20,6 @@ if TYPE_CHECKING:
 WEBHOOK = "webhook"
 
 
-def envelope(event: Event) -> dict[str, Any]:
-    """Return the public event envelope (DESIGN §3 Events)."""
-    return event.payload
-
-
 def new_event(session: Session, event_type: str, data: dict[str, Any], job_id: str | None) -> Event:
     now = utcnow()
     event_id = new_id("evt")

@@ -84,11 +84,6 @@ def set_component(component: str) -> None:
 # -- context -------------------------------------------------------------------
 
 
-def current_context() -> dict[str, str]:
-    """The log context of this thread of work (request id, job id, ...)."""
-    return dict(_context.get() or {})
-
-
 @contextmanager
 def bind(**fields: str | None) -> Iterator[None]:
     """Add ``fields`` to the log and error context for the duration of the block."""

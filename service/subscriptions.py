@@ -12,10 +12,17 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Database
-from service.delivery import FAILED, PENDING
 from service.events import add_delivery, new_event
 from service.jobs import decode_cursor, encode_cursor_parts, isoformat
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, new_id, utcnow
+from service.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Event,
+    Subscription,
+    new_id,
+    utcnow,
+)
 from service.notifiers.webhook import generate_secret
 
 SECRET_OVERLAP = timedelta(hours=24)
@@ -107,10 +114,10 @@ def recover_failed(session: Session, db: Database, sub: Subscription, since: dat
         update(Delivery)
         .where(
             Delivery.subscription_id == sub.id,
-            Delivery.status == FAILED,
+            Delivery.status == DeliveryStatus.FAILED,
             Delivery.created_at >= since,
         )
-        .values(status=PENDING, due_at=now, lease_owner=None, updated_at=now)
+        .values(status=DeliveryStatus.PENDING, due_at=now, lease_owner=None, updated_at=now)
     )
     count = int(getattr(result, "rowcount", 0) or 0)
     if count:
@@ -121,7 +128,7 @@ def recover_failed(session: Session, db: Database, sub: Subscription, since: dat
 def retry_delivery(session: Session, db: Database, delivery: Delivery) -> None:
     """Replay one delivery now, whatever its status."""
     now = utcnow()
-    delivery.status = PENDING
+    delivery.status = DeliveryStatus.PENDING
     delivery.due_at = now
     delivery.lease_owner = None
     delivery.updated_at = now
@@ -140,7 +147,9 @@ def delivery_resource(
         "kind": delivery.kind,
         "status": delivery.status,
         "attempt_count": delivery.attempt_count,
-        "next_attempt_at": isoformat(delivery.due_at) if delivery.status == PENDING else None,
+        "next_attempt_at": isoformat(delivery.due_at)
+        if delivery.status == DeliveryStatus.PENDING
+        else None,
         "last_status_code": delivery.last_status_code,
         "last_error": delivery.last_error,
         "created_at": isoformat(delivery.created_at),
