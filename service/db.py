@@ -37,11 +37,6 @@ PING_AFTER_IDLE = 1.0
 CHECKED_IN = "motionhook.checked_in"
 NOTIFIED = "motionhook.notified"
 NOTIFY = text("SELECT pg_notify(:channel, '')")
-# SQLite result codes of "another connection holds the lock" (busy_timeout ran out).
-SQLITE_LOCK_CODES = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
-# PostgreSQL SQLSTATEs of a server that is going away, starting up or full; class 08 is
-# "connection exception". (psycopg gives no SQLSTATE when it could not connect at all.)
-POSTGRESQL_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
 # What SQLite says when another connection holds the write lock past busy_timeout.
@@ -76,9 +71,11 @@ class Outage:
     doubling to 5 s); the first success after it logs that the database is back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, consequence: str | None = None) -> None:
+        """``consequence`` replaces "retrying in N s" in the WARNING (web answers 503)."""
         self._lock = threading.Lock()
         self._backoff = Backoff()
+        self._consequence = consequence
 
     @property
     def ongoing(self) -> bool:
@@ -91,8 +88,8 @@ class Outage:
             first = self._backoff.failures == 1
         if first:
             log.warning(
-                "database unavailable; retrying in %.1f s",
-                delay,
+                "database unavailable; %s",
+                self._consequence or f"retrying in {delay:.1f} s",
                 extra={"error": type(error).__name__},
             )
         return delay
@@ -205,29 +202,6 @@ class Database:
         self.engine.dispose()
         if self._relaxed_engine is not None:
             self._relaxed_engine.dispose()
-
-
-def is_unavailable(error: BaseException) -> bool:
-    """Whether ``error`` means the database cannot be reached right now (wait and retry).
-
-    True for a refused, lost or timed-out connection, a server shutting down, starting
-    up or out of connection slots, a pool with no free connection, and SQLite's
-    ``database is locked``. False for everything else, integrity and schema errors
-    above all: those are bugs, and must surface as such.
-    """
-    if isinstance(error, DisconnectionError | PoolTimeout):
-        return True
-    if not isinstance(error, DBAPIError):
-        return False
-    if error.connection_invalidated:
-        return True
-    cause = error.orig
-    if isinstance(cause, sqlite3.OperationalError):
-        return getattr(cause, "sqlite_errorname", None) in SQLITE_LOCK_CODES
-    if isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError):
-        state = cause.sqlstate
-        return state is None or state.startswith("08") or state in POSTGRESQL_UNAVAILABLE_STATES
-    return False
 
 
 def _postgresql_engine(url: str, *, pool_size: int, options: str | None = None) -> Engine:

@@ -27,7 +27,7 @@ from sqlalchemy.pool import QueuePool
 from service import create_app
 from service.api.errors import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
 from service.callbacks import callback_token
-from service.db import is_unavailable
+from service.db import database_unavailable
 from service.devstack import free_port
 from tests.conftest import CALLBACK_SECRET, TOKEN, app_config
 
@@ -152,7 +152,7 @@ def test_locked_sqlite_answers_503_and_logs_once_per_outage(
 
     lock.rollback()
     assert client.get("/v1/jobs", headers=AUTH).status_code == 200
-    assert any(r.getMessage() == "database answers again" for r in caplog.records)
+    assert any(r.getMessage() == "database available again" for r in caplog.records)
 
     hold_lock()
     assert_unavailable(client.get("/v1/jobs", headers=AUTH), "second outage")
@@ -187,14 +187,14 @@ def raised(action: Callable[[], object]) -> BaseException:
 
 def test_refused_connection_and_pool_timeout_are_unavailable() -> None:
     refused = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x")
-    assert is_unavailable(raised(refused.connect))
+    assert database_unavailable(raised(refused.connect))
     engine = create_engine(
         "sqlite://", poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.01
     )
     with engine.connect():
         timeout = raised(engine.connect)
     assert isinstance(timeout, PoolTimeout)
-    assert is_unavailable(timeout)
+    assert database_unavailable(timeout)
 
 
 def test_integrity_and_schema_errors_are_not_unavailable(tmp_path: Path) -> None:
@@ -213,11 +213,11 @@ def test_integrity_and_schema_errors_are_not_unavailable(tmp_path: Path) -> None
 
     integrity = raised(duplicate)
     assert isinstance(integrity, IntegrityError)
-    assert not is_unavailable(integrity)
+    assert not database_unavailable(integrity)
     schema = raised(missing_table)
     assert isinstance(schema, OperationalError)  # SQLite says OperationalError for this too
-    assert not is_unavailable(schema)
-    assert not is_unavailable(ValueError("not a database error"))
+    assert not database_unavailable(schema)
+    assert not database_unavailable(ValueError("not a database error"))
 
 
 def test_unavailable_answers_carry_no_connection_details(refused_app: Flask) -> None:

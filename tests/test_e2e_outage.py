@@ -228,10 +228,13 @@ def test_a_database_crash_loses_and_doubles_nothing(
         )
         assert worker.popen.poll() is None, f"worker exited:\n{worker.log()[-3000:]}"
 
+        delivered_before = len(sink.received)
         restarted_at = time.monotonic()
         pg_cluster.start()
         eventually(stack, lambda: readyz(stack) == 200, "/readyz to say 200 again")
         ready_after = time.monotonic() - restarted_at
+        eventually(stack, lambda: len(sink.received) > delivered_before, "deliveries flowing again")
+        delivering_after = time.monotonic() - restarted_at
         eventually(
             stack, lambda: len(clients.since(restarted_at, 202)) >= 5, "submissions accepted again"
         )
@@ -282,8 +285,10 @@ def test_a_database_crash_loses_and_doubles_nothing(
         "lost": sum(1 for job_id in accepted if notified[job_id] == 0),
         "doubled_events": sum(1 for job_id in accepted if notified[job_id] > 1),
         "redelivered_receipts": sum(count - 1 for count in receipts.values()),
+        "outage_seconds": round(restarted_at - crashed_at, 2),
         "seconds_to_ready": round(ready_after, 2),
         "seconds_to_accept": round(accepted_again_after, 2),
+        "seconds_to_deliver": round(delivering_after, 2),
     }
     sys.stdout.write(f"\noutage figures: {json.dumps(figures)}\n")
 

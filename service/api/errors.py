@@ -11,9 +11,6 @@ Sentry event.
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -24,15 +21,14 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException, ServiceUnavailable
 
-from service.db import Database, is_unavailable
+from service.db import Database, Outage, database_unavailable
 
 DATABASE_UNAVAILABLE = "database unavailable, retry shortly"
+ANSWERING_503 = "answering 503 until it answers again"
 RETRY_AFTER_SECONDS = 2
-# The classes a "database unavailable" error can come as; is_unavailable decides.
+# The classes a "database unavailable" error can come as; database_unavailable decides.
 DATABASE_ERRORS = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout)
 UNAVAILABLE_FLAG = "motionhook_database_unavailable"
-
-logger = logging.getLogger("motionhook.api")
 
 
 def abort(code: int, message: str | None = None, **kwargs: Any) -> NoReturn:
@@ -43,39 +39,6 @@ def abort(code: int, message: str | None = None, **kwargs: Any) -> NoReturn:
     raise AssertionError("unreachable: flask_smorest.abort raises")
 
 
-class DatabaseOutage:
-    """Whether this process is in a database outage; logs its start and end once each."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._since: float | None = None
-
-    def failed(self, error: BaseException) -> None:
-        """A request met the outage: log it if it is the first to."""
-        with self._lock:
-            if self._since is not None:
-                return
-            self._since = self.clock()
-        cause = getattr(error, "orig", None) or error
-        logger.warning(
-            "database unavailable; answering 503 until it answers again",
-            extra={"error": type(cause).__name__, "detail": str(cause).splitlines()[0][:200]},
-        )
-
-    def answered(self) -> None:
-        """A statement succeeded: an outage in progress is over."""
-        if self._since is None:  # the usual case, decided without the lock
-            return
-        with self._lock:
-            since, self._since = self._since, None
-        if since is not None:
-            logger.info(
-                "database answers again",
-                extra={"outage_seconds": round(self.clock() - since, 3)},
-            )
-
-
 def register_database_errors(
     app: Flask, db: Database, render: Callable[[HTTPException], Any]
 ) -> None:
@@ -84,14 +47,14 @@ def register_database_errors(
     Call this before the rate limiter is attached: its hook then runs after the
     limiter's, which stamps its own window on every ``Retry-After``.
     """
-    outage = DatabaseOutage()
+    outage = Outage(consequence=ANSWERING_503)
 
     @event.listens_for(db.engine, "after_cursor_execute")
     def _answered(*_args: Any) -> None:
-        outage.answered()
+        outage.recovered()
 
-    def database_unavailable(error: Exception) -> Any:
-        if not is_unavailable(error):
+    def unavailable_answer(error: Exception) -> Any:
+        if not database_unavailable(error):
             raise error  # a bug, not an outage: a 500 and a Sentry event, as unhandled
         outage.failed(error)
         setattr(g, UNAVAILABLE_FLAG, True)
@@ -105,5 +68,5 @@ def register_database_errors(
         return response
 
     for error_class in DATABASE_ERRORS:
-        app.register_error_handler(error_class, database_unavailable)
+        app.register_error_handler(error_class, unavailable_answer)
     app.after_request(retry_shortly)
