@@ -36,15 +36,14 @@ from service.devstack import Stack
 from tests.conftest import CALLBACK_SECRET, eventually
 from tests.pgcluster import PgCluster, pg_cluster  # noqa: F401 - the fixture
 from tests.sinks import Sink
+from tests.test_e2e_core import SMALL_VIDEO
+from tests.test_e2e_core import STACK_ENV as CORE_STACK_ENV
 from tests.test_sentry import Ingest, ingest  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.e2e
 
 STACK_ENV = {
-    "MOTIONHOOK_CALLBACK_SECRET": CALLBACK_SECRET,
-    "WEB_CONCURRENCY": "2",
-    "GUNICORN_ACCESS_LOG": "0",
-    "MOTIONHOOK_RATELIMIT": "1000000/minute",
+    **CORE_STACK_ENV,
     # A job whose callback was lost is fetched 1 s after its eta (the simulator says 1 s).
     "MOTIONHOOK_CALLBACK_GRACE": "1",
     # Work whose transaction died with the server comes back when its lease runs out.
@@ -56,7 +55,6 @@ STACK_ENV = {
     "MOTIONHOOK_RETRY_SCHEDULE": "0.5,1,1,1,1,1,1,1",
 }
 SIMULATOR_FLAGS = ("--delay", "0.5", "--eta", "1")
-SMALL_VIDEO = {"width": 128, "height": 128, "num_frames": 8, "prompt": "a slow pan"}
 CLIENTS = 2
 #: Each client's pause between submissions, so the load stays within two cores.
 PACE = 0.25
