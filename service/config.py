@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,
     "PUBLIC_URL": "http://127.0.0.1:8000",
     "API_TOKENS": None,
+    "ADMIN_TOKENS": None,
+    "MAX_SUBSCRIPTIONS_PER_PROJECT": 100,
     "CALLBACK_SECRET": None,
     "CALLBACK_SECRET_PREVIOUS": None,
     "WEBHOOK_SECRET": None,
@@ -42,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "DISABLE_AFTER": 5 * 24 * 3600,
     "CALLBACK_GRACE": 600,
     "JOB_TIMEOUT": 7200,
+    "QUEUE_TIMEOUT": 24 * 3600,
+    "MODELSLAB_MAX_QUEUED": 5,
     "MEDIA_URL_TTL": 7 * 24 * 3600,
     "UPSTREAM_TIMEOUT": 30,
     "MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
@@ -58,9 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_STORAGE_URL": "memory://",
     "LOG_LEVEL": "INFO",
     "METRICS_TOKEN": None,
+    "METRICS_PUBLIC": None,
     "WORKER_METRICS_PORT": None,
     "WORKER_METRICS_HOST": "0.0.0.0",
-    # Unprefixed (DESIGN §4), read from the environment when not in the mapping.
+    # Unprefixed, as Sentry names them; read from the environment when not in the mapping.
     "SENTRY_DSN": None,
     "SENTRY_ENVIRONMENT": None,
     "SENTRY_TRACES_SAMPLE_RATE": None,
@@ -134,6 +139,17 @@ def parse_duration(value: Any, *, unit_required: bool = False, positive: bool = 
     return seconds
 
 
+def _as_count(name: str, value: Any) -> int:
+    """A whole number of zero or more, naming the variable when it is not."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"MOTIONHOOK_{name} must be a whole number, got {value!r}") from None
+    if count < 0:
+        raise ConfigError(f"MOTIONHOOK_{name} must be zero or more, got {count}")
+    return count
+
+
 def _as_seconds(name: str, value: Any) -> float:
     try:
         return parse_duration(value)
@@ -199,6 +215,8 @@ class Settings:
     database_url: str
     public_url: str
     api_tokens: tuple[str, ...] = field(repr=False)
+    admin_tokens: tuple[str, ...] = field(repr=False)
+    max_subscriptions_per_project: int
     callback_secret: str = field(repr=False)
     callback_secret_previous: str | None = field(repr=False)
     webhook_secret: str = field(repr=False)
@@ -213,6 +231,8 @@ class Settings:
     disable_after: float
     callback_grace: float
     job_timeout: float
+    queue_timeout: float
+    modelslab_max_queued: int
     media_url_ttl: float
     upstream_timeout: float
     max_upload_bytes: int
@@ -229,6 +249,8 @@ class Settings:
     ratelimit_storage_url: str
     log_level: str
     metrics_token: str | None = field(default=None, repr=False)
+    # Production serves /metrics only with the token, or when explicitly opened.
+    metrics_public: bool = False
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "0.0.0.0"
     sentry_dsn: str | None = field(default=None, repr=False)
@@ -252,9 +274,12 @@ class Settings:
         if production:
             missing = [
                 f"MOTIONHOOK_{name}"
-                for name in ("CALLBACK_SECRET", "API_TOKENS", "DATABASE_URL")
+                for name in ("CALLBACK_SECRET", "DATABASE_URL")
                 if not config.get(name)
             ]
+            if not config.get("API_TOKENS") and not config.get("ADMIN_TOKENS"):
+                # Tokens may all live in the database, but someone must be able to make them.
+                missing.insert(1, "MOTIONHOOK_API_TOKENS (or MOTIONHOOK_ADMIN_TOKENS)")
             if missing:
                 raise ConfigError("production refuses to start without " + ", ".join(missing))
             if str(config["DATABASE_URL"]).startswith("sqlite") and not _as_bool(
@@ -276,6 +301,8 @@ class Settings:
             database_url=str(database_url),
             public_url=str(config["PUBLIC_URL"]).rstrip("/"),
             api_tokens=tokens,
+            admin_tokens=_as_list(config.get("ADMIN_TOKENS")),
+            max_subscriptions_per_project=int(config["MAX_SUBSCRIPTIONS_PER_PROJECT"]),
             callback_secret=str(
                 config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
             ),
@@ -294,6 +321,8 @@ class Settings:
             disable_after=_as_seconds("DISABLE_AFTER", config["DISABLE_AFTER"]),
             callback_grace=_as_seconds("CALLBACK_GRACE", config["CALLBACK_GRACE"]),
             job_timeout=_as_seconds("JOB_TIMEOUT", config["JOB_TIMEOUT"]),
+            queue_timeout=_as_seconds("QUEUE_TIMEOUT", config["QUEUE_TIMEOUT"]),
+            modelslab_max_queued=_as_count("MODELSLAB_MAX_QUEUED", config["MODELSLAB_MAX_QUEUED"]),
             media_url_ttl=_as_seconds("MEDIA_URL_TTL", config["MEDIA_URL_TTL"]),
             upstream_timeout=_as_seconds("UPSTREAM_TIMEOUT", config["UPSTREAM_TIMEOUT"]),
             max_upload_bytes=int(config["MAX_UPLOAD_BYTES"]),
@@ -314,6 +343,11 @@ class Settings:
             ratelimit_storage_url=str(config["RATELIMIT_STORAGE_URL"]),
             log_level=str(config["LOG_LEVEL"]).upper(),
             metrics_token=config.get("METRICS_TOKEN") or None,
+            metrics_public=(
+                not production
+                if config.get("METRICS_PUBLIC") is None
+                else _as_bool(config["METRICS_PUBLIC"])
+            ),
             worker_metrics_port=(
                 int(config["WORKER_METRICS_PORT"]) if config.get("WORKER_METRICS_PORT") else None
             ),

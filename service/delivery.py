@@ -33,6 +33,7 @@ from service.models import (
     DeliveryAttempt,
     DeliveryStatus,
     Event,
+    Project,
     Subscription,
     utcnow,
 )
@@ -50,8 +51,8 @@ SLACK_PACE = 1.0
 LEASE_MARGIN = 2.0
 
 
-def active_secrets(sub: Subscription | _Target, now: datetime) -> list[str]:
-    """The subscription's secret, plus the previous one while its 24 h overlap lasts."""
+def active_secrets(sub: Subscription | _Target | Project, now: datetime) -> list[str]:
+    """The row's secret, plus the previous one while its 24 h overlap lasts."""
     secrets = [sub.secret] if sub.secret else []
     expires = sub.previous_secret_expires_at
     if sub.previous_secret and expires is not None and expires > now:
@@ -106,7 +107,7 @@ DELIVERIES = cast(Table, Delivery.__table__)
 EVENTS = cast(Table, Event.__table__)
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
-EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload).where(
+EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload, EVENTS.c.project_id).where(
     EVENTS.c.id.in_(bindparam("ids", expanding=True))
 )
 # The one way subscriptions are locked, in id order (no deadlocks between workers).
@@ -319,10 +320,19 @@ class Deliverer:
     ) -> list[Prepared]:
         """Decide for each claimed delivery: send it (Prepared), fail it, or wait for pacing."""
         connection = session.connection()
-        payloads: dict[str, dict[str, Any]] = {
-            row[0]: row[1]
-            for row in connection.execute(
-                EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        payloads: dict[str, dict[str, Any]] = {}
+        event_projects: dict[str, str] = {}
+        for event_id, payload, project_id in connection.execute(
+            EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        ):
+            payloads[event_id] = payload
+            event_projects[event_id] = project_id
+        # Per-job webhooks are signed with their project's secret (``default``: the setting).
+        projects = sorted({event_projects[i.event_id] for i in claimed if not i.subscription_id})
+        signers = {
+            project.id: active_secrets(project, now) or [self.settings.webhook_secret]
+            for project in (
+                session.scalars(select(Project).where(Project.id.in_(projects))) if projects else ()
             )
         }
         targets = self._lock_targets(
@@ -342,8 +352,11 @@ class Deliverer:
         ready: list[Prepared] = []
         for item in claimed:
             if item.subscription_id is None:
-                secrets = [self.settings.webhook_secret]
-                ready.append(prepared(item, item.kind, item.target_url or "", secrets))
+                signer = signers.get(event_projects[item.event_id])
+                if signer is None:
+                    self._update(session, DELIVERIES, item.id, _failed("project not found", now))
+                else:
+                    ready.append(prepared(item, item.kind, item.target_url or "", signer))
                 continue
             sub = targets.get(item.subscription_id)
             if sub is None or not sub.enabled:

@@ -16,28 +16,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from schemas.upstream import UpstreamResult, UpstreamStatus
+from service.capacity import queue_position, release_slot
 from service.db import Database
 from service.events import emit_job_event
-from service.models import Job, new_id, utcnow
+from service.models import Job, JobStatus, new_id, utcnow
 from service.queue import cancel_tasks, enqueue_task
 from service.upstream import REJECTED, RESULT, UpstreamAnswer
-
-
-class JobStatus(StrEnum):
-    """Where a job is, as clients see it (``status`` of the job resource)."""
-
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
 
 # Which statuses a job may move to from each status; nothing ever moves back.
 # A ``failed`` job may still complete, but only when it failed by ``timeout``
@@ -85,10 +75,9 @@ def request_fingerprint(params: dict[str, Any], upload_sha256: str | None = None
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def scoped_idempotency_key(token: str, key: str) -> str:
-    """Scope an ``Idempotency-Key`` to the API token that sent it."""
-    token_hash = hashlib.sha256(token.encode()).hexdigest()[:16]
-    return f"{token_hash}:{key}"
+def scoped_idempotency_key(project_id: str, key: str) -> str:
+    """Scope an ``Idempotency-Key`` to the project whose token sent it."""
+    return f"{project_id}:{key}"
 
 
 def find_idempotent_job(session: Session, scoped_key: str) -> Job | None:
@@ -100,6 +89,7 @@ def create_job(
     db: Database,
     params: dict[str, Any],
     *,
+    project_id: str,
     job_id: str | None = None,
     idempotency_key: str | None = None,
     fingerprint: str | None = None,
@@ -109,6 +99,7 @@ def create_job(
     now = utcnow()
     job = Job(
         id=job_id or new_id("job"),
+        project_id=project_id,
         status=JobStatus.QUEUED,
         model_id=params.pop("model_id", "wan2.2"),
         metadata_=params.pop("metadata", {}) or {},
@@ -128,7 +119,11 @@ def create_job(
 
 
 def job_resource(job: Job, media_url: MediaUrl) -> dict[str, Any]:
-    """Render the job as clients see it (DESIGN §3), with fresh durable URLs."""
+    """Render the job as clients see it, with fresh durable URLs.
+
+    ``queue_position`` is read in the job's own session (one count, only for a job
+    waiting for a slot).
+    """
     outputs = []
     for item in job.outputs or []:
         stored = bool(item.get("key"))
@@ -157,12 +152,18 @@ def job_resource(job: Job, media_url: MediaUrl) -> dict[str, Any]:
         "created_at": isoformat(job.created_at),
         "updated_at": isoformat(job.updated_at),
         "completed_at": isoformat(job.completed_at),
+        "queue_position": _queue_position(job),
         "upstream": {"id": job.upstream_id, "status": job.upstream_status, "eta": job.eta},
         "outputs": outputs,
         "error": (
             {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
         ),
     }
+
+
+def _queue_position(job: Job) -> int | None:
+    session = object_session(job)
+    return queue_position(session, job) if session is not None else None
 
 
 def encode_cursor_parts(created_at: datetime, row_id: str) -> str:
@@ -183,10 +184,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    session: Session, *, status: str | None, limit: int, cursor: str | None
+    session: Session, project_id: str, *, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Job], str | None]:
-    """Return one page of jobs, newest first, and the cursor of the next page."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    """Return one page of the project's jobs, newest first, and the cursor of the next page."""
+    query = (
+        select(Job)
+        .where(Job.project_id == project_id)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit + 1)
+    )
     if status:
         query = query.where(Job.status == status)
     if cursor:
@@ -248,6 +254,7 @@ def move_job(
     if to in TERMINAL:
         job.completed_at = now
         cancel_tasks(session, job.id, keep=())
+        release_slot(session, db, job)
     if announce:
         emit_job_event(session, db, EVENT_OF[to], job, job_resource(job, media_url))
     return True
@@ -283,6 +290,7 @@ def apply_upstream_result(
         job.upstream_status = UpstreamStatus.SUCCESS
         job.source_urls = result.output or result.future_links
         job.updated_at = now
+        release_slot(session, db, job)  # ModelsLab is done with it; the download is ours
         # Accepted and done at once: processing without an event; job.completed follows
         # once the outputs are stored (a failed-by-timeout job stays failed until then).
         move_job(session, db, job, JobStatus.PROCESSING, media_url=media_url, announce=False)
@@ -328,8 +336,12 @@ def apply_upstream_result(
 
 
 def deadline(job: Job, job_timeout: float) -> datetime:
-    """When a job that ModelsLab has not finished fails with ``timeout``."""
-    return job.created_at + timedelta(seconds=job_timeout)
+    """When a job that ModelsLab has not finished fails with ``timeout``.
+
+    Counted from the upstream submission: waiting for a slot in motionhook's own
+    queue is bounded by ``MOTIONHOOK_QUEUE_TIMEOUT`` instead (``service.capacity``).
+    """
+    return (job.submitted_at or job.created_at) + timedelta(seconds=job_timeout)
 
 
 def apply_submit_answer(
@@ -345,8 +357,8 @@ def apply_submit_answer(
     """Apply ModelsLab's answer to a submit; return the outcome, or None to submit again.
 
     A result is applied like a callback; a rejection fails the job for good; a
-    transient problem (429, 5xx, no answer) leaves the job queued for another try,
-    until the job's timeout, when it fails as ``timeout``.
+    transient problem (429, 5xx, no answer) leaves the job queued for another try
+    (bounded by ``MOTIONHOOK_QUEUE_TIMEOUT``, see ``service.capacity``).
     """
     if answer.kind == RESULT and answer.result is not None:
         return apply_upstream_result(
@@ -362,16 +374,6 @@ def apply_submit_answer(
         return IGNORED  # a callback overtook the answer
     if answer.kind == REJECTED:
         fail_job(session, db, job, "upstream_rejected", answer.message, media_url)
-        return APPLIED
-    if utcnow() >= deadline(job, job_timeout):
-        fail_job(
-            session,
-            db,
-            job,
-            "timeout",
-            f"ModelsLab could not take the job in time: {answer.message}",
-            media_url,
-        )
         return APPLIED
     return None
 

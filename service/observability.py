@@ -111,6 +111,7 @@ def register_settings_secrets(settings: Settings) -> None:
         modelslab_key = None
     register_secrets(
         *settings.api_tokens,
+        *settings.admin_tokens,
         settings.callback_secret,
         settings.callback_secret_previous,
         settings.webhook_secret,

@@ -30,8 +30,8 @@ from typing import Any
 from sqlalchemy import String, cast, delete, func, select, update
 
 from service.db import Database
-from service.jobs import JobStatus, isoformat
-from service.models import CallbackRecord, DeliveryAttempt, Job, utcnow
+from service.jobs import isoformat
+from service.models import CallbackRecord, DeliveryAttempt, Job, JobStatus, utcnow
 from service.storage import Storage
 
 log = logging.getLogger("motionhook.prune")

@@ -92,8 +92,16 @@ class ClaimedTask:
 def claim_tasks(
     session: Session, db: Database, *, owner: str, lease: float, limit: int, now: datetime
 ) -> list[ClaimedTask]:
-    """Lease up to ``limit`` due tasks to ``owner``, oldest due first."""
-    query = select(Task).where(Task.due_at <= now).order_by(Task.due_at).limit(limit)
+    """Lease up to ``limit`` due tasks to ``owner``, oldest due first (submits aside).
+
+    Submits are claimed by ``service.capacity.claim_submits``, within the ModelsLab cap.
+    """
+    query = (
+        select(Task)
+        .where(Task.due_at <= now, Task.kind != "submit")
+        .order_by(Task.due_at)
+        .limit(limit)
+    )
     if not db.is_sqlite:
         query = query.with_for_update(skip_locked=True)
     tasks = list(session.scalars(query))
@@ -216,18 +224,18 @@ def release_deliveries(session: Session, owner: str, ids: Iterable[str]) -> None
 
 
 def next_task_due(session: Session) -> datetime | None:
-    """When the earliest task comes due."""
-    return _aware(session.scalar(select(func.min(Task.due_at))))
+    """When the earliest task other than a submit comes due."""
+    return aware(session.scalar(select(func.min(Task.due_at)).where(Task.kind != "submit")))
 
 
 def next_delivery_due(session: Session) -> datetime | None:
     """When the earliest pending delivery comes due."""
-    return _aware(
+    return aware(
         session.scalar(select(func.min(Delivery.due_at)).where(Delivery.status == PENDING))
     )
 
 
-def _aware(value: datetime | str | None) -> datetime | None:
+def aware(value: datetime | str | None) -> datetime | None:
     # func.min bypasses the column type on SQLite and returns naive or text values.
     if value is None:
         return None

@@ -6,9 +6,9 @@ Functions take a session and plain values; the views stay thin.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Database
@@ -19,6 +19,7 @@ from service.models import (
     DeliveryAttempt,
     DeliveryStatus,
     Event,
+    Project,
     Subscription,
     new_id,
     utcnow,
@@ -27,6 +28,25 @@ from service.notifiers.webhook import generate_secret
 
 SECRET_OVERLAP = timedelta(hours=24)
 WEBHOOK = "webhook"
+
+
+class SubscriptionLimitReached(Exception):
+    """The project already has as many subscriptions as it may."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this project already has {limit} subscriptions, the most it may have "
+            "(MOTIONHOOK_MAX_SUBSCRIPTIONS_PER_PROJECT); delete one first"
+        )
+
+
+class RotatingSecret(Protocol):
+    """A row that signs with a secret and keeps the previous one for an overlap."""
+
+    secret: str | None
+    previous_secret: str | None
+    previous_secret_expires_at: datetime | None
+    updated_at: datetime
 
 
 def subscription_resource(sub: Subscription, *, secret: str | None = None) -> dict[str, Any]:
@@ -47,10 +67,23 @@ def subscription_resource(sub: Subscription, *, secret: str | None = None) -> di
     return resource
 
 
-def create_subscription(session: Session, params: dict[str, Any]) -> Subscription:
+def create_subscription(
+    session: Session, project_id: str, params: dict[str, Any], *, limit: int
+) -> Subscription:
+    """Add a subscription to the project, unless it already has ``limit`` of them."""
+    # Lock the project row so that concurrent creates count one after the other.
+    session.execute(
+        select(Project.id).where(Project.id == project_id).with_for_update(key_share=True)
+    )
+    count = session.scalar(
+        select(func.count()).select_from(Subscription).where(Subscription.project_id == project_id)
+    )
+    if (count or 0) >= limit:
+        raise SubscriptionLimitReached(limit)
     now = utcnow()
     sub = Subscription(
         id=new_id("sub"),
+        project_id=project_id,
         kind=params["kind"],
         url=params["url"],
         events=list(dict.fromkeys(params["events"])),
@@ -81,8 +114,8 @@ def update_subscription(sub: Subscription, changes: dict[str, Any]) -> None:
     sub.updated_at = utcnow()
 
 
-def rotate_secret(sub: Subscription) -> str:
-    """Give the subscription a new secret; the old one keeps signing for 24 hours."""
+def rotate_secret(sub: RotatingSecret) -> str:
+    """Give the row a new secret; the old one keeps signing for 24 hours."""
     now = utcnow()
     new_secret = generate_secret()
     sub.previous_secret = sub.secret
@@ -99,6 +132,7 @@ def send_test_event(session: Session, db: Database, sub: Subscription) -> tuple[
         "test.ping",
         {"subscription_id": sub.id, "message": "Test event from motionhook"},
         job_id=None,
+        project_id=sub.project_id,
     )
     delivery = add_delivery(
         session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=None
@@ -171,11 +205,12 @@ def delivery_resource(
     return resource
 
 
-def get_delivery(session: Session, delivery_id: str) -> dict[str, Any] | None:
+def get_delivery(session: Session, project_id: str, delivery_id: str) -> dict[str, Any] | None:
+    """One of the project's deliveries with every attempt, or None."""
     row = session.execute(
         select(Delivery, Event.type)
         .join(Event, Event.id == Delivery.event_id)
-        .where(Delivery.id == delivery_id)
+        .where(Delivery.id == delivery_id, Delivery.project_id == project_id)
     ).first()
     if row is None:
         return None
@@ -191,12 +226,13 @@ def get_delivery(session: Session, delivery_id: str) -> dict[str, Any] | None:
 
 
 def list_deliveries(
-    session: Session, *, filters: dict[str, Any], limit: int, cursor: str | None
+    session: Session, project_id: str, *, filters: dict[str, Any], limit: int, cursor: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of deliveries, newest first."""
+    """One page of the project's deliveries, newest first."""
     query = (
         select(Delivery, Event.type)
         .join(Event, Event.id == Delivery.event_id)
+        .where(Delivery.project_id == project_id)
         .order_by(Delivery.created_at.desc(), Delivery.id.desc())
         .limit(limit + 1)
     )

@@ -25,20 +25,22 @@ from sqlalchemy.orm import Session
 
 from schemas.upstream import UpstreamStatus
 from service.callbacks import callback_url, record_fetch
+from service.capacity import claim_submits as claim_submit_tasks
+from service.capacity import fail_overdue_in_queue, settle_submit
 from service.downloads import DownloadError, download_output, upload_key_for
 from service.extension import Services
 from service.jobs import (
-    JobStatus,
     apply_submit_answer,
     apply_upstream_result,
     deadline,
     fail_if_overdue,
+    fail_job,
     move_job,
 )
-from service.models import Job, utcnow
+from service.models import Job, JobStatus, utcnow
 from service.queue import ClaimedTask, finish_task, hold_task, retry_task
 from service.retry import Schedule
-from service.upstream import UpstreamClient
+from service.upstream import RESULT, UpstreamClient
 
 log = logging.getLogger("motionhook.tasks")
 
@@ -74,6 +76,32 @@ def upstream_params(job: Job, services: Services) -> dict[str, Any]:
     return params
 
 
+def claim_submits(ctx: TaskContext, owner: str, limit: int) -> list[ClaimedTask]:
+    """Fail jobs that waited too long for a slot, then lease submits the cap allows."""
+    services = ctx.services
+    db, settings = services.db, services.settings
+    now = utcnow()
+    with db.transaction() as session:
+        for job in fail_overdue_in_queue(session, queue_timeout=settings.queue_timeout, now=now):
+            fail_job(
+                session,
+                db,
+                job,
+                "queue_timeout",
+                "waited longer than MOTIONHOOK_QUEUE_TIMEOUT for a free ModelsLab slot",
+                services.media_url,
+            )
+        return claim_submit_tasks(
+            session,
+            db,
+            owner=owner,
+            lease=settings.task_lease,
+            limit=limit,
+            max_queued=settings.modelslab_max_queued,
+            now=now,
+        )
+
+
 def submit(ctx: TaskContext, task: ClaimedTask) -> None:
     """Send a queued job to ModelsLab and apply the answer (or schedule another try)."""
     services = ctx.services
@@ -103,6 +131,15 @@ def submit(ctx: TaskContext, task: ClaimedTask) -> None:
             callback_grace=settings.callback_grace,
             job_timeout=settings.job_timeout,
             media_url=services.media_url,
+        )
+        settle_submit(
+            session,
+            db,
+            job,
+            accepted=answer.kind == RESULT,
+            rate_limited=answer.http_status == 429,
+            retry_after=answer.retry_after,
+            max_queued=settings.modelslab_max_queued,
         )
         if answer.result is not None:
             record_fetch(

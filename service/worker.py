@@ -30,6 +30,7 @@ import psycopg
 import requests
 from sqlalchemy.orm import Session
 
+from service.capacity import next_submit_due
 from service.db import CONNECT_TIMEOUT, WAKEUP_CHANNEL, Database, database_unavailable
 from service.delivery import Deliverer, Prepared
 from service.extension import Services
@@ -45,7 +46,7 @@ from service.queue import (
     release_deliveries,
     release_tasks,
 )
-from service.tasks import HANDLERS, TaskContext
+from service.tasks import HANDLERS, TaskContext, claim_submits
 from service.upstream import UpstreamClient
 
 log = logging.getLogger("motionhook.worker")
@@ -100,7 +101,8 @@ class Lane(Generic[T]):
 
 
 def job_lanes(services: Services, owner: str) -> list[Lane[Any]]:
-    """The lanes of a motionhook worker: job tasks and deliveries."""
+    """The lanes of a motionhook worker: submits (within the ModelsLab cap), other job
+    tasks (download, reconcile), deliveries."""
     settings = services.settings
     db = services.db
     outbound = make_session(
@@ -122,6 +124,18 @@ def job_lanes(services: Services, owner: str) -> list[Lane[Any]]:
                 session, db, owner=owner, lease=settings.task_lease, limit=limit, now=utcnow()
             )
 
+    max_queued = settings.modelslab_max_queued
+    submits: Lane[ClaimedTask] = Lane(
+        "submit",
+        claim=lambda limit: claim_submits(context, owner, limit),
+        run=lambda task: HANDLERS[task.kind](context, task),
+        release=lambda session, items: release_tasks(session, owner, [t.id for t in items]),
+        next_due=lambda session: next_submit_due(session, db, max_queued),
+        context=lambda task: {"job_id": task.job_id, "track_id": task.job_id},
+        # One submit in flight at a time: a 429 then stops the next one from going out.
+        threads=1,
+        capacity=1,
+    )
     tasks: Lane[ClaimedTask] = Lane(
         "task",
         claim=claim,
@@ -145,7 +159,7 @@ def job_lanes(services: Services, owner: str) -> list[Lane[Any]]:
         capacity=settings.delivery_threads * 2,
         batch=max(1, settings.delivery_threads // 2),
     )
-    return [tasks, deliveries]
+    return [submits, tasks, deliveries]
 
 
 def new_owner() -> str:

@@ -15,13 +15,13 @@ from sqlalchemy import func, select
 from service.cli import main
 from service.config import parse_duration
 from service.extension import Services
-from service.jobs import JobStatus
 from service.models import (
     CallbackRecord,
     Delivery,
     DeliveryAttempt,
     Event,
     Job,
+    JobStatus,
     new_id,
     utcnow,
 )
