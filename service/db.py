@@ -79,13 +79,13 @@ class Outage:
 
     @property
     def ongoing(self) -> bool:
-        return self._backoff.failures > 0
+        return self._backoff.failing
 
     def failed(self, error: BaseException) -> float:
         """Record a failure; return how long to wait before trying again."""
         with self._lock:
+            first = not self._backoff.failing
             delay = self._backoff.next()
-            first = self._backoff.failures == 1
         if first:
             log.warning(
                 "database unavailable; %s",
@@ -96,7 +96,7 @@ class Outage:
 
     def recovered(self) -> None:
         """Record that the database answered."""
-        if not self._backoff.failures:
+        if not self._backoff.failing:
             return  # the common case, without the lock
         with self._lock:
             ended = self._backoff.reset()
