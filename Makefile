@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # `make run` needs only the service and the simulator, not the development toolchain.
 RUN_STAMP := $(VENV)/.installed-run
+# make run PORT=8001 SIMULATOR_PORT=8011 when 8000 or 8010 are taken.
+PORT ?= 8000
+SIMULATOR_PORT ?= 8010
 
 .PHONY: install run test lint bench clean
 
@@ -22,7 +25,7 @@ $(RUN_STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(RUN_STAMP)
-	$(BIN)/motionhook dev
+	$(BIN)/motionhook dev --port $(PORT) --simulator-port $(SIMULATOR_PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
