@@ -11,6 +11,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from service.demo import start_receiver
 from service.devstack import SAMPLE_IMAGE, Stack
 from service.extension import Services
 from service.migrate import upgrade
+from service.worker import Worker
 from tests.conftest import ENGINES, TOKEN, _make_url, app_config, eventually
 
 ADMIN = "admin-token-for-tests"
@@ -188,3 +190,31 @@ def test_worker_drain_exits_0_when_idle_and_leaves_nothing_claimed(admin_app: Fl
             text("SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL")
         ).scalar_one()
     assert leased == 0
+
+
+@pytest.mark.postgresql
+def test_without_listen_the_worker_polls_and_still_delivers(
+    request: pytest.FixtureRequest, tmp_path: Path, receiver: tuple[str, Any]
+) -> None:
+    url, received = receiver
+    pooled = _make_url(request, "postgresql", tmp_path) + "&pgbouncer=true"
+    app = create_app(app_config(pooled, tmp_path, ALLOW_PRIVATE_TARGETS=True, POLL_INTERVAL=0.2))
+    services: Services = app.extensions["motionhook"]
+    upgrade(services.db)
+    assert services.db.pooled and services.db.listen_url is None
+    worker = Worker(services)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        client = app.test_client()
+        writer = {"Authorization": f"Bearer {TOKEN}"}
+        created = client.post(
+            "/v1/subscriptions", json={"kind": "webhook", "url": url}, headers=writer
+        )
+        client.post(f"/v1/subscriptions/{created.get_json()['id']}/test", headers=writer)
+        _headers, body = received.get(timeout=20)
+        assert json.loads(body)["type"] == "test.ping"
+    finally:
+        worker.stop()
+        thread.join(20)
+        services.db.dispose()
