@@ -148,6 +148,12 @@ def test_the_runner_backs_off_through_database_errors_and_recovers(
     with caplog.at_level(logging.INFO, logger="motionhook.db"):
         worker = running(work.lane())
         wait_until(lambda: work.ran == [1, 2, 3], timeout=WAIT, message="work after the outage")
+        # The pass that claimed them declares the recovery once it returns.
+        wait_until(
+            lambda: any(r.getMessage() == "database available again" for r in caplog.records),
+            timeout=WAIT,
+            message="the recovery to be logged",
+        )
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [r.getMessage() for r in warnings] == ["database unavailable; retrying in 0.2 s"]
     assert warnings[0].exc_info is None  # no traceback per attempt
