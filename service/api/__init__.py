@@ -90,7 +90,16 @@ def add_security_headers(response: Response) -> Response:
 
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
-    from service.api import callbacks, deliveries, health, jobs, metrics, projects, subscriptions
+    from service.api import (
+        callbacks,
+        chat,
+        deliveries,
+        health,
+        jobs,
+        metrics,
+        projects,
+        subscriptions,
+    )
     from service.api.media import media_bp
     from service.api.ratelimit import init_limiter
 
@@ -103,6 +112,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(deliveries.blp)
     api.register_blueprint(projects.blp)
     api.register_blueprint(callbacks.blp)
+    api.register_blueprint(chat.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)
