@@ -167,6 +167,8 @@ class Job(Base):
     upstream_slot_since: Mapped[datetime | None] = mapped_column(index=True)
     # Where a chat job was asked for: {"kind", "workspace", "channel", "user"} (else None).
     source: Mapped[dict[str, Any] | None]
+    # Where a chat job's replies go; holds an interaction token, so never in a resource.
+    chat_reply: Mapped[dict[str, Any] | None]
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "id"),

@@ -66,7 +66,10 @@ def animate(
     opts = [
         {"name": "image", "type": 11, "value": "att1"},
         {"name": "prompt", "type": 3, "value": prompt},
-    ] + [{"name": name, "type": 3, "value": value} for name, value in options.items()]
+    ] + [
+        {"name": name, "type": 4 if isinstance(value, int) else 3, "value": value}
+        for name, value in options.items()
+    ]
     return {
         "type": 2,
         "id": "i1",

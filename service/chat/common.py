@@ -63,6 +63,7 @@ def submit_chat_job(
     source: dict[str, Any],
     image: bytes,
     params: dict[str, Any],
+    reply: dict[str, Any],
 ) -> str:
     """Store the image like an upload and queue an ordinary job; return its id."""
     settings = services.settings
@@ -83,4 +84,5 @@ def submit_chat_job(
             job_id=job_id,
             source=source,
         )
+        job.chat_reply = reply
         return job.id

@@ -16,6 +16,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from service.chat.common import ChatGate, ChatRefusal, submit_chat_job
+from service.chat.replies import discord_reply_target
 from service.extension import Services
 
 PING = 1
@@ -201,7 +202,8 @@ def answer_interaction(
             params["model_id"] = command.model
         if command.frames:
             params["num_frames"] = command.frames
-        submit_chat_job(services, source=command.source, image=image, params=params)
+        reply = discord_reply_target(command.application_id, command.token, command.channel)
+        submit_chat_job(services, source=command.source, image=image, params=params, reply=reply)
     except ChatRefusal as refusal:
         return ephemeral(f"Sorry, I cannot animate that: {refusal}")
     return deferred()
