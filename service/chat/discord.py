@@ -207,3 +207,22 @@ def answer_interaction(
     except ChatRefusal as refusal:
         return ephemeral(f"Sorry, I cannot animate that: {refusal}")
     return deferred()
+
+
+def register_commands(
+    http: requests.Session,
+    *,
+    api_url: str,
+    application_id: str,
+    bot_token: str,
+    guild: str | None = None,
+) -> list[str]:
+    """Overwrite the app's slash commands (in one guild: at once; global: within an hour)."""
+    scope = f"/guilds/{guild}" if guild else ""
+    url = f"{api_url}/applications/{application_id}{scope}/commands"
+    response = http.put(
+        url, json=[ANIMATE_COMMAND], headers={"Authorization": f"Bot {bot_token}"}, timeout=15
+    )
+    if response.status_code >= 300:
+        raise ChatRefusal(f"Discord answered {response.status_code}: {response.text[:300]}")
+    return [str(command.get("name")) for command in response.json()]
