@@ -71,30 +71,32 @@ class Outage:
     doubling to 5 s); the first success after it logs that the database is back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, consequence: str | None = None) -> None:
+        """``consequence`` replaces "retrying in N s" in the WARNING (web answers 503)."""
         self._lock = threading.Lock()
         self._backoff = Backoff()
+        self._consequence = consequence
 
     @property
     def ongoing(self) -> bool:
-        return self._backoff.failures > 0
+        return self._backoff.failing
 
     def failed(self, error: BaseException) -> float:
         """Record a failure; return how long to wait before trying again."""
         with self._lock:
+            first = not self._backoff.failing
             delay = self._backoff.next()
-            first = self._backoff.failures == 1
         if first:
             log.warning(
-                "database unavailable; retrying in %.1f s",
-                delay,
+                "database unavailable; %s",
+                self._consequence or f"retrying in {delay:.1f} s",
                 extra={"error": type(error).__name__},
             )
         return delay
 
     def recovered(self) -> None:
         """Record that the database answered."""
-        if not self._backoff.failures:
+        if not self._backoff.failing:
             return  # the common case, without the lock
         with self._lock:
             ended = self._backoff.reset()

@@ -9,6 +9,7 @@ from flask_smorest import Api as SmorestApi
 from werkzeug.exceptions import HTTPException
 
 from schemas.jobs import JobCreateSchema
+from service.api.errors import register_database_errors
 from service.extension import services
 
 API_SETTINGS = {
@@ -116,6 +117,8 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)
-    init_limiter(app, app.extensions["motionhook"].settings)
+    svc = app.extensions["motionhook"]
+    register_database_errors(app, svc.db, api.handle_http_exception)
+    init_limiter(app, svc.settings)
     app.after_request(add_security_headers)
     return api
