@@ -174,7 +174,7 @@ def ephemeral(content: str) -> dict[str, Any]:
 
 
 def deferred() -> dict[str, Any]:
-    """ "Thinking…": the result comes later by editing ``@original``."""
+    """Answer "thinking…" now; the result comes by editing ``@original``."""
     return {"type": DEFERRED_CHANNEL_MESSAGE}
 
 
