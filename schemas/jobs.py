@@ -10,16 +10,32 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    pre_load,
     validate,
     validates,
     validates_schema,
 )
 
+from schemas.strict_json import find_problems
 from schemas.upstream import SUPPORTED_MODELS, Img2VideoParams
 
 JOB_STATUSES = ("queued", "processing", "completed", "failed")
 EVENT_TYPES = ("job.processing", "job.completed", "job.failed")
 MAX_METADATA_BYTES = 4096
+MAX_INIT_IMAGE_LENGTH = 2048
+
+
+class BoundedUrl(fields.Url):
+    """A URL whose length is checked first: the URL pattern is slow on megabytes of host."""
+
+    def __init__(self, *, max_length: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and len(value) > self.max_length:
+            raise ValidationError(f"must be at most {self.max_length} characters")
+        return super()._deserialize(value, attr, data, **kwargs)
 
 
 class JobCreateSchema(Img2VideoParams):
@@ -28,7 +44,9 @@ class JobCreateSchema(Img2VideoParams):
     class Meta:
         unknown = RAISE
 
-    init_image = fields.Url(schemes={"http", "https"}, require_tld=False)
+    init_image = BoundedUrl(
+        schemes={"http", "https"}, require_tld=False, max_length=MAX_INIT_IMAGE_LENGTH
+    )
     model_id = fields.String(
         load_default="wan2.2",
         validate=validate.OneOf(
@@ -43,6 +61,15 @@ class JobCreateSchema(Img2VideoParams):
         validate=validate.Length(min=1),
     )
     metadata = fields.Dict(keys=fields.String(), load_default=dict)
+
+    @pre_load
+    def _refuse_unstorable(self, data: Any, **_kwargs: Any) -> Any:
+        """Refuse NUL characters and non-finite numbers in any field (multipart forms too)."""
+        if isinstance(data, dict):
+            problems = find_problems(data)
+            if problems:
+                raise ValidationError({path: [reason] for path, reason in problems.items()})
+        return data
 
     @validates("metadata")
     def _metadata_size(self, value: dict[str, Any], **_kwargs: Any) -> None:
