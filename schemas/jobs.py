@@ -108,6 +108,15 @@ class JobErrorSchema(Schema):
     message = fields.String()
 
 
+class JobSourceSchema(Schema):
+    """Where a chat job was asked for (DESIGN §8); null for jobs made over the API."""
+
+    kind = fields.String(metadata={"enum": ["discord", "slack"]})
+    workspace = fields.String(allow_none=True)
+    channel = fields.String(allow_none=True)
+    user = fields.String()
+
+
 class JobSchema(Schema):
     id = fields.String()
     status = fields.String(metadata={"enum": list(JOB_STATUSES)})
@@ -116,6 +125,7 @@ class JobSchema(Schema):
     metadata = fields.Dict()
     webhook_url = fields.String(allow_none=True)
     webhook_events = fields.List(fields.String(), allow_none=True)
+    source = fields.Nested(JobSourceSchema, allow_none=True)
     created_at = fields.String()
     updated_at = fields.String()
     completed_at = fields.String(allow_none=True)

@@ -295,6 +295,38 @@ def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> No
         )
 
 
+@main.group()
+def discord() -> None:
+    """The Discord app (DESIGN §8)."""
+
+
+@discord.command("register-commands")
+@click.option("--guild", default=None, help="Register in this guild only (instant, for testing).")
+def discord_register_commands(guild: str | None) -> None:
+    """Register /animate with MOTIONHOOK_DISCORD_APPLICATION_ID and _BOT_TOKEN."""
+    import requests
+
+    from service.chat.common import ChatRefusal
+    from service.chat.discord import register_commands
+
+    settings = load_services().settings
+    if not settings.discord_application_id or not settings.discord_bot_token:
+        raise click.ClickException(
+            "set MOTIONHOOK_DISCORD_APPLICATION_ID and MOTIONHOOK_DISCORD_BOT_TOKEN"
+        )
+    try:
+        names = register_commands(
+            requests.Session(),
+            api_url=settings.discord_api_url,
+            application_id=settings.discord_application_id,
+            bot_token=settings.discord_bot_token,
+            guild=guild,
+        )
+    except (ChatRefusal, requests.RequestException) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"registered {', '.join('/' + name for name in names)}")
+
+
 SCOPE_CHOICE = click.Choice(["read", "write", "admin"])
 
 

@@ -71,6 +71,13 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_PUBLIC": None,
     "WORKER_METRICS_PORT": None,
     "WORKER_METRICS_HOST": "0.0.0.0",
+    "DISCORD_APPLICATION_ID": None,
+    "DISCORD_PUBLIC_KEY": None,
+    "DISCORD_BOT_TOKEN": None,
+    "DISCORD_API_URL": "https://discord.com/api/v10",
+    "CHAT_PROJECT": "default",
+    "CHAT_RATE_LIMIT": "10/hour",
+    "CHAT_ALLOWED": None,
     # Unprefixed, as Sentry names them; read from the environment when not in the mapping.
     "SENTRY_DSN": None,
     "SENTRY_ENVIRONMENT": None,
@@ -264,6 +271,14 @@ class Settings:
     metrics_public: bool = False
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "0.0.0.0"
+    discord_application_id: str | None = None
+    discord_public_key: str | None = None
+    discord_bot_token: str | None = field(default=None, repr=False)
+    discord_api_url: str = "https://discord.com/api/v10"
+    chat_project: str = "default"
+    chat_rate_limit: str = "10/hour"
+    # Workspace and guild ids allowed to use the chat apps; empty: all.
+    chat_allowed: tuple[str, ...] = ()
     sentry_dsn: str | None = field(default=None, repr=False)
     sentry_environment: str | None = None
     sentry_traces_sample_rate: float = 0.0
@@ -373,6 +388,13 @@ class Settings:
                 int(config["WORKER_METRICS_PORT"]) if config.get("WORKER_METRICS_PORT") else None
             ),
             worker_metrics_host=str(config.get("WORKER_METRICS_HOST") or "0.0.0.0"),
+            discord_application_id=config.get("DISCORD_APPLICATION_ID") or None,
+            discord_public_key=config.get("DISCORD_PUBLIC_KEY") or None,
+            discord_bot_token=config.get("DISCORD_BOT_TOKEN") or None,
+            discord_api_url=str(config["DISCORD_API_URL"]).rstrip("/"),
+            chat_project=str(config.get("CHAT_PROJECT") or "default"),
+            chat_rate_limit=str(config.get("CHAT_RATE_LIMIT") or "10/hour"),
+            chat_allowed=_as_list(config.get("CHAT_ALLOWED")),
             **_sentry_settings(config),
         )
 

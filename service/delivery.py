@@ -26,6 +26,7 @@ from sqlalchemy import Table, Update, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from service.chat.replies import CHAT_REPLY_KINDS, send_reply
 from service.extension import Services
 from service.metrics import record_delivery, record_subscription_disabled
 from service.models import (
@@ -294,20 +295,25 @@ class Deliverer:
 
     def deliver(self, prepared: Prepared) -> None:
         """Make one attempt at a claimed delivery and settle it."""
-        message = render_message(
-            prepared.kind,
-            prepared.envelope,
-            secrets=prepared.secrets,
-            serialized=prepared.serialized,
-        )
-        result = send(
-            self.http,
-            prepared.url,
-            message,
-            kind=prepared.kind,
-            timeout=self.settings.delivery_timeout,
-            now=lambda: datetime.now(UTC),
-        )
+        if prepared.kind in CHAT_REPLY_KINDS:
+            result = send_reply(
+                self.db, self.settings, self.http, prepared.envelope, now=datetime.now(UTC)
+            )
+        else:
+            message = render_message(
+                prepared.kind,
+                prepared.envelope,
+                secrets=prepared.secrets,
+                serialized=prepared.serialized,
+            )
+            result = send(
+                self.http,
+                prepared.url,
+                message,
+                kind=prepared.kind,
+                timeout=self.settings.delivery_timeout,
+                now=lambda: datetime.now(UTC),
+            )
         record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
         self._settle(prepared, result)
 

@@ -106,5 +106,15 @@ def emit_job_event(
             target_url=job.webhook_url,
             job_id=job.id,
         )
+    if job.chat_reply:
+        # A chat job's progress and result go back to the chat it came from.
+        add_delivery(
+            session,
+            event,
+            kind=job.chat_reply["kind"],
+            subscription_id=None,
+            target_url=None,
+            job_id=job.id,
+        )
     db.notify(session)
     return event

@@ -93,6 +93,7 @@ def create_job(
     job_id: str | None = None,
     idempotency_key: str | None = None,
     fingerprint: str | None = None,
+    source: dict[str, Any] | None = None,
 ) -> Job:
     """Insert a queued job and its submit task in the caller's transaction."""
     params = dict(params)
@@ -108,6 +109,7 @@ def create_job(
         input=params,
         idempotency_key=idempotency_key,
         request_fingerprint=fingerprint,
+        source=source,
         source_urls=[],
         outputs=[],
         created_at=now,
@@ -149,6 +151,7 @@ def job_resource(job: Job, media_url: MediaUrl) -> dict[str, Any]:
         "metadata": job.metadata_ or {},
         "webhook_url": job.webhook_url,
         "webhook_events": job.webhook_events,
+        "source": job.source,
         "created_at": isoformat(job.created_at),
         "updated_at": isoformat(job.updated_at),
         "completed_at": isoformat(job.completed_at),

@@ -165,6 +165,10 @@ class Job(Base):
     completed_at: Mapped[datetime | None]
     # Set while the job holds one of the ModelsLab account's queued-request slots.
     upstream_slot_since: Mapped[datetime | None] = mapped_column(index=True)
+    # Where a chat job was asked for: {"kind", "workspace", "channel", "user"} (else None).
+    source: Mapped[dict[str, Any] | None]
+    # Where a chat job's replies go; holds an interaction token, so never in a resource.
+    chat_reply: Mapped[dict[str, Any] | None]
 
     __table_args__ = (
         Index("ix_jobs_created", "created_at", "id"),

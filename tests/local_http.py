@@ -53,7 +53,7 @@ class LocalServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            do_GET = do_POST = do_PUT = _handle
+            do_GET = do_POST = do_PUT = do_PATCH = _handle
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 """Keep the test output quiet."""

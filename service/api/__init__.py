@@ -94,6 +94,7 @@ def register_api(app: Flask) -> Api:
     from service.api import (
         admin,
         callbacks,
+        chat,
         deliveries,
         health,
         jobs,
@@ -114,6 +115,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(projects.blp)
     api.register_blueprint(admin.blp)
     api.register_blueprint(callbacks.blp)
+    api.register_blueprint(chat.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)

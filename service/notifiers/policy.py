@@ -293,7 +293,7 @@ def _prepared_url(url: str) -> str:
 
 
 def _post(
-    session: requests.Session, url: str, message: Message, timeout: float
+    session: requests.Session, url: str, message: Message, timeout: float, method: str = "POST"
 ) -> requests.Response:
     """POST through the session's adapter: its pooled connections and its SSRF guard.
 
@@ -304,7 +304,7 @@ def _post(
     """
     prepared = requests.PreparedRequest()
     # PreparedRequest.prepare without cookies and hooks (a delivery carries neither).
-    prepared.prepare_method("POST")
+    prepared.prepare_method(method)
     prepared.url = _prepared_url(url)
     prepared.prepare_headers({**session.headers, **message.headers})
     prepared.prepare_body(message.body, None)
@@ -327,15 +327,18 @@ def send(
     kind: str,
     timeout: float,
     now: Callable[[], datetime],
+    method: str = "POST",
 ) -> AttemptResult:
     """POST ``message`` to ``url`` once and classify the answer; network errors never raise.
+
+    ``method``: PATCH for a chat reply that edits a message (Discord's ``@original``).
 
     ``error`` is set when no HTTP answer was received (or its body could not be
     read); it names only ``scheme://host``, never the path or query of ``url``.
     """
     started = time.monotonic()
     try:
-        response = _post(session, url, message, timeout)
+        response = _post(session, url, message, timeout, method)
     except (requests.RequestException, OSError) as exc:
         latency_ms = (time.monotonic() - started) * 1000
         error = describe_error(exc, url, timeout)

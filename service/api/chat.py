@@ -1,0 +1,54 @@
+"""``/v1/chat/…``: the endpoints Slack and Discord call (signed by them, no bearer token)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from flask import current_app, request
+from flask_smorest import Blueprint
+
+from service.api.errors import abort
+from service.chat import discord
+from service.chat.common import ChatGate
+from service.extension import services
+from service.outbound import make_session
+
+blp = Blueprint("chat", __name__, url_prefix="/v1/chat", description="Slack and Discord apps")
+
+
+def _chat_tools() -> tuple[ChatGate, requests.Session]:
+    """The app's chat gate and its session for chat downloads, made on first use."""
+    tools: tuple[ChatGate, requests.Session] | None = current_app.extensions.get("motionhook_chat")
+    if tools is None:
+        settings = services().settings
+        tools = (
+            ChatGate.from_settings(settings),
+            make_session(allow_private=settings.allow_private_targets),
+        )
+        current_app.extensions["motionhook_chat"] = tools
+    return tools
+
+
+@blp.post("/discord/interactions")
+@blp.doc(security=[])
+@blp.alt_response(401, description="Not signed with MOTIONHOOK_DISCORD_PUBLIC_KEY")
+@blp.alt_response(404, description="The Discord app is not configured")
+def discord_interactions() -> dict[str, Any]:
+    """Answer a Discord interaction (PING, or the ``/animate`` command)."""
+    svc = services()
+    public_key = svc.settings.discord_public_key
+    if not public_key:
+        abort(404, message="the Discord app is not configured: set MOTIONHOOK_DISCORD_PUBLIC_KEY")
+    body = request.get_data(cache=False)
+    try:
+        discord.verify(
+            public_key,
+            signature=request.headers.get("X-Signature-Ed25519", ""),
+            timestamp=request.headers.get("X-Signature-Timestamp", ""),
+            body=body,
+        )
+    except discord.BadSignature as exc:
+        abort(401, message=str(exc))
+    gate, http = _chat_tools()
+    return discord.answer_interaction(svc, gate, http, body)

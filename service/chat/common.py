@@ -1,0 +1,88 @@
+"""What the Slack and Discord apps share: refusals, abuse limits and making the job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from limits import RateLimitItem, parse
+from limits.storage import Storage, storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+
+from service.config import ConfigError, Settings
+from service.downloads import store_upload
+from service.extension import Services
+from service.jobs import create_job
+from service.models import new_id
+from service.projects import find_project
+
+
+class ChatRefusal(Exception):
+    """A request from a chat that is answered with a friendly message, and makes no job."""
+
+
+@dataclass
+class ChatGate:
+    """The abuse limits of a public bot: the allow-list and a budget per chat user."""
+
+    allowed: frozenset[str]
+    limit: RateLimitItem
+    storage: Storage
+    limiter: MovingWindowRateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = MovingWindowRateLimiter(self.storage)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ChatGate:
+        storage = storage_from_string(settings.ratelimit_storage_url)
+        if not isinstance(storage, Storage):
+            raise ConfigError(
+                "MOTIONHOOK_RATELIMIT_STORAGE_URL: the chat limit needs a sync storage"
+            )
+        return cls(
+            allowed=frozenset(settings.chat_allowed),
+            limit=parse(settings.chat_rate_limit),
+            storage=storage,
+        )
+
+    def admit(self, kind: str, workspace: str | None, user: str) -> None:
+        """Raise ChatRefusal unless this workspace may ask and this user has budget left."""
+        if self.allowed and (workspace or "") not in self.allowed:
+            raise ChatRefusal("this server or workspace is not allowed to use this app")
+        if not self.limiter.hit(self.limit, "chat", kind, user):
+            raise ChatRefusal(
+                f"you have asked for {self.limit.amount} videos per "
+                f"{self.limit.multiples} {self.limit.GRANULARITY.name}; please wait a little"
+            )
+
+
+def submit_chat_job(
+    services: Services,
+    *,
+    source: dict[str, Any],
+    image: bytes,
+    params: dict[str, Any],
+    reply: dict[str, Any],
+) -> str:
+    """Store the image like an upload and queue an ordinary job; return its id."""
+    settings = services.settings
+    job_id = new_id("job")
+    with services.db.transaction() as session:
+        project = find_project(session, settings.chat_project)
+        if project is None:
+            raise ChatRefusal(f"this app's project {settings.chat_project!r} does not exist")
+        try:
+            stored = store_upload(services.storage, job_id, image, settings.max_upload_bytes)
+        except ValueError as exc:
+            raise ChatRefusal(str(exc)) from None
+        job = create_job(
+            session,
+            services.db,
+            {**params, "image_key": stored.key},
+            project_id=project.id,
+            job_id=job_id,
+            source=source,
+        )
+        job.chat_reply = reply
+        return job.id
