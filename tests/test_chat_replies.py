@@ -21,7 +21,10 @@ from service.models import JobStatus
 from service.outbound import make_session
 from tests.local_http import Answer, LocalServer, Received
 
-LATER = datetime.now(UTC) + timedelta(minutes=16)
+
+def later() -> datetime:
+    """Sixteen minutes from now: past the 15-minute life of an interaction token."""
+    return datetime.now(UTC) + timedelta(minutes=16)
 
 
 @pytest.fixture
@@ -50,7 +53,7 @@ def test_expired_token_posts_the_result_to_the_channel_with_the_bot_token(
 ) -> None:
     settings = settings_with(services, api, discord_bot_token="bot-secret")
     http = make_session(allow_private=True)
-    result = send_reply(services.db, settings, http, chat_job(services), now=LATER)
+    result = send_reply(services.db, settings, http, chat_job(services), now=later())
     assert result.outcome.result == "delivered"
     [request] = api.received
     assert (request.method, request.path) == ("POST", "/api/channels/c1/messages")
@@ -63,7 +66,7 @@ def test_expired_token_without_bot_token_fails_naming_the_setting(
 ) -> None:
     settings = settings_with(services, api, discord_bot_token=None)
     http = make_session(allow_private=True)
-    result = send_reply(services.db, settings, http, chat_job(services), now=LATER)
+    result = send_reply(services.db, settings, http, chat_job(services), now=later())
     assert result.outcome.result == "permanent"
     assert "MOTIONHOOK_DISCORD_BOT_TOKEN" in result.outcome.reason
     assert api.received == []
