@@ -149,6 +149,7 @@ def claim_submits(
     in_use = 0
     if max_queued:
         state = lock_state(session, db, max_queued)
+        state.effective_cap = effective_cap(state, max_queued)  # shown by /metrics
         if state.probe_job_id and state.updated_at < now - timedelta(seconds=lease):
             state.probe_job_id = None  # its worker died: the probe's lease has run out
         in_use = slots_in_use(session)

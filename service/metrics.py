@@ -41,7 +41,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service.bearer import bearer_token, is_one_of
 from service.migrate import readiness
-from service.models import Delivery, DeliveryAttempt, Job, Subscription, Task, utcnow
+from service.models import (
+    Delivery,
+    DeliveryAttempt,
+    Job,
+    Subscription,
+    Task,
+    UpstreamCapacity,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -235,7 +243,20 @@ class DatabaseCollector:
             "(delivered, retry, failed, permanent).",
             labels=["outcome"],
         )
+        capacity = GaugeMetricFamily(
+            "motionhook_upstream_slots",
+            "ModelsLab queued-request slots: in use, jobs waiting for one, and the cap in force.",
+            labels=["state"],
+        )
         with self.db.transaction() as session:
+            slots = _pairs(
+                session.execute(
+                    select(Job.upstream_slot_since.is_not(None), func.count())
+                    .where(Job.upstream_slot_since.is_not(None) | (Job.status == "queued"))
+                    .group_by(Job.upstream_slot_since.is_not(None))
+                )
+            )
+            cap = session.scalar(select(UpstreamCapacity.effective_cap))
             by_status = _pairs(
                 session.execute(select(Job.status, func.count()).group_by(Job.status))
             )
@@ -319,7 +340,20 @@ class DatabaseCollector:
                 deliveries.add_metric([kind, status], recent_deliveries.get((kind, status), 0))
         for outcome in sorted(set(ATTEMPT_OUTCOMES) | set(recent_attempts)):
             attempts.add_metric([outcome], recent_attempts.get(outcome, 0))
-        return [jobs, oldest_job, depth, oldest_due, pending, disabled, deliveries, attempts]
+        capacity.add_metric(["in_use"], slots.get(True, 0))
+        capacity.add_metric(["waiting"], slots.get(False, 0))
+        capacity.add_metric(["cap"], cap or 0)
+        return [
+            jobs,
+            oldest_job,
+            depth,
+            oldest_due,
+            pending,
+            disabled,
+            deliveries,
+            attempts,
+            capacity,
+        ]
 
 
 class _ProcessRegistry:
