@@ -26,6 +26,7 @@ from service.extension import Services
 from service.metrics import record_delivery, record_subscription_disabled
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
 from service.notifiers import render_message
+from service.notifiers.brokers import BROKER_KINDS, BrokerPool
 from service.notifiers.policy import AttemptResult, next_attempt_delay, send
 from service.notifiers.webhook import serialize
 from service.queue import ClaimedDelivery, claim_deliveries
@@ -205,6 +206,7 @@ class Deliverer:
         self.settings = services.settings
         self.db = services.db
         self.http = session
+        self.brokers = BrokerPool(self.settings)
         self.owner = owner
         self.rng = random.Random()
         self._claimed: dict[str, Prepared] = {}
@@ -249,22 +251,35 @@ class Deliverer:
             prepared = self._prepare(delivery_id)
         if prepared is None:
             return
-        message = render_message(
-            prepared.kind,
-            prepared.envelope,
-            secrets=prepared.secrets,
-            serialized=prepared.serialized,
-        )
-        result = send(
-            self.http,
-            prepared.url,
-            message,
-            kind=prepared.kind,
-            timeout=self.settings.delivery_timeout,
-            now=lambda: datetime.now(UTC),
-        )
+        if prepared.kind in BROKER_KINDS:
+            result = self.brokers.send(
+                prepared.kind,
+                prepared.url,
+                prepared.envelope,
+                secrets=prepared.secrets,
+                serialized=prepared.serialized,
+            )
+        else:
+            message = render_message(
+                prepared.kind,
+                prepared.envelope,
+                secrets=prepared.secrets,
+                serialized=prepared.serialized,
+            )
+            result = send(
+                self.http,
+                prepared.url,
+                message,
+                kind=prepared.kind,
+                timeout=self.settings.delivery_timeout,
+                now=lambda: datetime.now(UTC),
+            )
         record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
         self._settle(delivery_id, result)
+
+    def close(self) -> None:
+        """Close the broker connections (the worker is stopping)."""
+        self.brokers.close()
 
     def _prepare(self, delivery_id: str) -> Prepared | None:
         """Prepare one delivery leased to us outside :meth:`claim`."""
@@ -307,7 +322,7 @@ class Deliverer:
         bodies: dict[str, str] = {}
 
         def body(event_id: str, kind: str) -> str | None:
-            if kind != "webhook":
+            if kind != "webhook" and kind not in BROKER_KINDS:
                 return None
             if event_id not in bodies:
                 bodies[event_id] = serialize(payloads[event_id])

@@ -222,3 +222,43 @@ def make_session(
             adapter = _GuardedAdapter(is_https=is_https, hosts=hosts, per_host=per_host)
         session.mount(prefix, adapter)
     return session
+
+
+def _host_allowed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    """Tell whether ``host`` or ``host:port`` is on ``MOTIONHOOK_DESTINATION_ALLOWED_HOSTS``."""
+    name = host.lower().strip("[]")
+    shown = f"[{name}]" if ":" in name else name
+    return name in allowed_hosts or shown in allowed_hosts or f"{shown}:{port}" in allowed_hosts
+
+
+def resolve_destination(
+    host: str, port: int, *, allow_private: bool, allowed_hosts: tuple[str, ...]
+) -> str:
+    """Return the address to connect to for a broker at ``host:port``, or raise TargetRefused.
+
+    Hosts on the allow-list (and every host when private targets are allowed) are
+    returned as they are; any other host must resolve to public addresses only, and
+    the first of them is returned so that the caller connects to the address checked
+    (no second DNS answer, as with :func:`make_session`'s pinning).
+    """
+    if allow_private or _host_allowed(host, port, allowed_hosts):
+        return host
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise TargetRefused("url host does not resolve") from None
+    addresses = []
+    for info in infos:
+        try:
+            address = ipaddress.ip_address(str(info[4][0]))
+        except ValueError:
+            raise TargetRefused("url host resolves to an unsupported address") from None
+        refusal = _refusal(address)
+        if refusal is not None:
+            raise TargetRefused(
+                f"{refusal}; list the host in MOTIONHOOK_DESTINATION_ALLOWED_HOSTS to allow it"
+            )
+        addresses.append(str(address))
+    if not addresses:
+        raise TargetRefused("url host does not resolve")
+    return addresses[0]

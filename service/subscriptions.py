@@ -11,15 +11,51 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from schemas.destinations import BROKER_KINDS, mask_destination_url, parse_destination
+from service.config import Settings
 from service.db import Database
 from service.delivery import FAILED, PENDING
 from service.events import add_delivery, new_event
 from service.jobs import decode_cursor, encode_cursor_parts, isoformat
 from service.models import Delivery, DeliveryAttempt, Event, Subscription, new_id, utcnow
+from service.notifiers.brokers import missing_extra
 from service.notifiers.webhook import generate_secret
+from service.outbound import resolve_destination, validate_target_url
 
 SECRET_OVERLAP = timedelta(hours=24)
 WEBHOOK = "webhook"
+# Kinds whose messages carry Standard Webhooks signatures with the subscription's secret.
+SIGNED_KINDS = frozenset({WEBHOOK, *BROKER_KINDS})
+# Kinds whose client connects to a host named in the URL (boto3 connects to AWS's own
+# endpoint, or MOTIONHOOK_AWS_ENDPOINT_URL, whatever the queue URL says).
+HOSTED_KINDS = frozenset({"amqp", "nats", "redis"})
+
+
+class MissingExtra(ValueError):
+    """The client library of a subscription kind is not installed."""
+
+
+def check_destination(kind: str, url: str, settings: Settings) -> None:
+    """Refuse a URL the worker must not reach (TargetRefused) or cannot (MissingExtra).
+
+    ``url`` has the shape ``kind`` needs (the schema checked it).
+    """
+    if kind not in BROKER_KINDS:
+        validate_target_url(url, allow_private=settings.allow_private_targets)
+        return
+    extra = missing_extra(kind)
+    if extra is not None:
+        raise MissingExtra(
+            f"kind {kind} needs its client library: pip install 'motionhook[{extra}]'"
+        )
+    if kind in HOSTED_KINDS:
+        destination = parse_destination(kind, url)
+        resolve_destination(
+            destination.host,
+            destination.port,
+            allow_private=settings.allow_private_targets,
+            allowed_hosts=settings.destination_allowed_hosts,
+        )
 
 
 def subscription_resource(sub: Subscription, *, secret: str | None = None) -> dict[str, Any]:
@@ -27,7 +63,7 @@ def subscription_resource(sub: Subscription, *, secret: str | None = None) -> di
     resource: dict[str, Any] = {
         "id": sub.id,
         "kind": sub.kind,
-        "url": sub.url,
+        "url": mask_destination_url(sub.kind, sub.url),
         "events": list(sub.events or []),
         "description": sub.description,
         "enabled": sub.enabled,
@@ -49,7 +85,7 @@ def create_subscription(session: Session, params: dict[str, Any]) -> Subscriptio
         events=list(dict.fromkeys(params["events"])),
         description=params.get("description", ""),
         enabled=params.get("enabled", True),
-        secret=generate_secret() if params["kind"] == WEBHOOK else None,
+        secret=generate_secret() if params["kind"] in SIGNED_KINDS else None,
         created_at=now,
         updated_at=now,
     )

@@ -335,6 +335,7 @@ class Worker:
             release_claims(session, self.owner, task_ids, delivery_ids)
         self.task_pool.shutdown(wait=False, cancel_futures=True)
         self.delivery_pool.shutdown(wait=False, cancel_futures=True)
+        self.deliverer.close()
         # Work still running past the grace period was handed back above; its threads
         # may sit in a network call for a while yet, so run_worker must not wait for them.
         self.abandoned = len(unfinished)
