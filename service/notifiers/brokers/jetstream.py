@@ -52,7 +52,9 @@ class NatsPublisher(Publisher):
         self._last_error: Exception | None = None
 
     async def _remember(self, error: Exception) -> None:
-        self._last_error = error
+        # A refused login is followed by the server closing the socket: keep the login.
+        if not _refused_login(self._last_error):
+            self._last_error = error
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
         future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coroutine, timeout), self._loop)
@@ -87,7 +89,8 @@ class NatsPublisher(Publisher):
                 timeout,
             )
         except TimeoutError:
-            if isinstance(self._last_error, OSError):
+            # A refused connection or login is a better reason than the timeout.
+            if isinstance(self._last_error, OSError | nats_errors.Error):
                 raise self._last_error from None
             raise
         self._jetstream = self._client.jetstream(timeout=timeout)
@@ -100,8 +103,12 @@ class NatsPublisher(Publisher):
 
     def close(self) -> None:
         super().close()
+        with contextlib.suppress(TimeoutError):
+            asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(5.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _send(self, message: Outgoing, timeout: float) -> Answer:
         assert self._jetstream is not None
@@ -131,8 +138,22 @@ class NatsPublisher(Publisher):
                 return Outcome("retry", answer)
             return Outcome("failed", answer)
         if isinstance(error, nats_errors.Error):
-            text = str(error).lower()
-            if "authorization violation" in text or "authentication" in text:
+            if _refused_login(error):
                 return Outcome("permanent", "authentication failed: the server refused the login")
             return Outcome("retry", f"NATS error ({type(error).__name__})")
         return None
+
+
+def _refused_login(error: Exception | None) -> bool:
+    text = str(error).lower()
+    return isinstance(error, nats_errors.Error) and (
+        "authorization violation" in text or "authentication" in text
+    )
+
+
+async def _cancel_others() -> None:
+    """Cancel what the closed client left running on its loop (its subscriptions' readers)."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
