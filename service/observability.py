@@ -59,9 +59,15 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)(\"(?:key|api_?key|secret|token|sig)\"\s*:\s*\")[^\"]*"), r"\1" + REDACTED),
     (re.compile(r"(?i)('(?:key|api_?key|secret|token|sig)'\s*:\s*')[^']*"), r"\1" + REDACTED),
     (re.compile(r"(?i)\b((?:api_?key|secret|token|password)=)[^&\s\"']+"), r"\1" + REDACTED),
+    # Passwords in URLs (amqp://user:pass@host), and NATS tokens (nats://token@host).
+    (
+        re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/?#@\"']*:)[^\s@/?#\"']+@"),
+        r"\1" + REDACTED + "@",
+    ),
+    (re.compile(r"(?i)\b((?:nats|tls)://)[^\s:/?#@\"']+@"), r"\1" + REDACTED + "@"),
 )
 # Every pattern above matches only text that contains one of these (lowercased).
-_PATTERN_WORDS = ("bearer", "basic", "sig", "whsec_", "key", "secret", "token", "password")
+_PATTERN_WORDS = ("bearer", "basic", "sig", "whsec_", "key", "secret", "token", "password", "@")
 MIN_SECRET_LENGTH = 6
 
 _context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(

@@ -109,7 +109,8 @@ def patch(changes: dict[str, Any], subscription_id: str) -> dict[str, Any]:
             try:
                 check_url(sub.kind, changes["url"])
             except ValidationError as exc:
-                abort(422, message=f"url: {exc.messages}", errors={"json": exc.messages})
+                errors = exc.normalized_messages()
+                abort(422, message=f"url: {errors['url']}", errors={"json": errors})
             check_target(sub.kind, changes["url"])
         update_subscription(sub, changes)
         return subscription_resource(sub)
