@@ -109,8 +109,8 @@ def patch(changes: dict[str, Any], subscription_id: str) -> dict[str, Any]:
             try:
                 check_url(sub.kind, changes["url"])
             except ValidationError as exc:
-                errors = exc.normalized_messages()
-                abort(422, message=f"url: {errors['url']}", errors={"json": errors})
+                reasons = exc.messages
+                abort(422, message=f"url: {reasons}", errors={"json": {"url": reasons}})
             check_target(sub.kind, changes["url"])
         update_subscription(sub, changes)
         return subscription_resource(sub)
