@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,36 @@ def test_amqp_routing_key_defaults_to_the_event_type_and_can_be_fixed(
     assert unroutable.outcome.result == "failed"
     assert "unroutable" in unroutable.outcome.reason
     assert [props.type for props, _body in amqp_queue.messages()] == ["job.failed", "job.completed"]
+
+
+def test_amqp_concurrent_publishes_share_one_connection_and_are_all_confirmed(
+    pool: BrokerPool, amqp_queue: AmqpQueue
+) -> None:
+    events = [envelope(number) for number in range(300)]
+    with ThreadPoolExecutor(16) as threads:
+        results = list(
+            threads.map(lambda e: pool.send("amqp", amqp_queue.url, e, secrets=[SECRET]), events)
+        )
+
+    assert {result.outcome.result for result in results} == {"delivered"}
+    ids = [properties.message_id for properties, _body in amqp_queue.messages()]
+    assert sorted(ids) == sorted(event["id"] for event in events)
+    assert len(pool._publishers) == 1
+
+
+def test_amqp_exchange_deleted_after_connecting_is_permanent(
+    pool: BrokerPool, amqp_queue: AmqpQueue
+) -> None:
+    assert pool.send("amqp", amqp_queue.url, envelope(1), secrets=[SECRET]).outcome.result == (
+        "delivered"
+    )
+    amqp_queue.channel.exchange_delete(amqp_queue.exchange)
+
+    gone = pool.send("amqp", amqp_queue.url, envelope(2), secrets=[SECRET])
+
+    amqp_queue.channel.exchange_declare(amqp_queue.exchange, exchange_type="topic")
+    assert gone.outcome.result == "permanent", gone
+    assert "does not exist" in gone.outcome.reason
 
 
 def test_nats_publish_is_acknowledged_by_the_stream(pool: BrokerPool, stream: NatsStream) -> None:

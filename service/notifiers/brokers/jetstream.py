@@ -57,7 +57,8 @@ class NatsPublisher(Publisher):
             self._last_error = error
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
-        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coroutine, timeout), self._loop)
+        """Run ``coroutine`` on the client's loop; it must time out by itself by ``timeout``."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(timeout + 1.0)
         except TimeoutError:
@@ -72,19 +73,22 @@ class NatsPublisher(Publisher):
         self._last_error = None
         try:
             self._client = self._run(
-                nats.connect(
-                    servers=[f"{dest.scheme}://{host}:{dest.port}"],
-                    name=CLIENT_NAME,
-                    user=None if token else dest.username,
-                    password=dest.password,
-                    token=token,
-                    tls=ssl.create_default_context() if dest.tls else None,
-                    tls_hostname=dest.host if dest.tls else None,
-                    connect_timeout=max(1, int(timeout)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=RECONNECT_WAIT,
-                    error_cb=self._remember,
+                _within(
+                    timeout,
+                    nats.connect(
+                        servers=[f"{dest.scheme}://{host}:{dest.port}"],
+                        name=CLIENT_NAME,
+                        user=None if token else dest.username,
+                        password=dest.password,
+                        token=token,
+                        tls=ssl.create_default_context() if dest.tls else None,
+                        tls_hostname=dest.host if dest.tls else None,
+                        connect_timeout=max(1, int(timeout)),
+                        allow_reconnect=True,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=RECONNECT_WAIT,
+                        error_cb=self._remember,
+                    ),
                 ),
                 timeout,
             )
@@ -99,7 +103,7 @@ class NatsPublisher(Publisher):
         client, self._client, self._jetstream = self._client, None, None
         if client is not None:
             with contextlib.suppress(nats_errors.Error, TimeoutError, OSError):
-                self._run(client.close(), 5.0)
+                self._run(_within(5.0, client.close()), 5.0)
 
     def close(self) -> None:
         super().close()
@@ -157,3 +161,8 @@ async def _cancel_others() -> None:
     for task in others:
         task.cancel()
     await asyncio.gather(*others, return_exceptions=True)
+
+
+async def _within(timeout: float, coroutine: Coroutine[Any, Any, T]) -> T:
+    """``coroutine``, cancelled after ``timeout`` seconds (nats-py's connect retries on)."""
+    return await asyncio.wait_for(coroutine, timeout)
