@@ -117,12 +117,18 @@ def validate_target_url(url: str, *, allow_private: bool) -> None:
         return
     if port is None:
         port = 443 if parts.scheme.lower() == "https" else 80
+    public_addresses(host, port)
+
+
+def public_addresses(host: str, port: int) -> list[str]:
+    """Resolve ``host``; return its addresses, or raise TargetRefused if any is not public."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise TargetRefused("url host does not resolve") from None
     if not infos:
         raise TargetRefused("url host does not resolve")
+    addresses = []
     for info in infos:
         try:
             address = ipaddress.ip_address(str(info[4][0]))
@@ -131,6 +137,8 @@ def validate_target_url(url: str, *, allow_private: bool) -> None:
         refusal = _refusal(address)
         if refusal is not None:
             raise refusal
+        addresses.append(str(address))
+    return addresses
 
 
 class _GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
@@ -244,21 +252,8 @@ def resolve_destination(
     if allow_private or _host_allowed(host, port, allowed_hosts):
         return host
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        raise TargetRefused("url host does not resolve") from None
-    addresses = []
-    for info in infos:
-        try:
-            address = ipaddress.ip_address(str(info[4][0]))
-        except ValueError:
-            raise TargetRefused("url host resolves to an unsupported address") from None
-        refusal = _refusal(address)
-        if refusal is not None:
-            raise TargetRefused(
-                f"{refusal}; list the host in MOTIONHOOK_DESTINATION_ALLOWED_HOSTS to allow it"
-            )
-        addresses.append(str(address))
-    if not addresses:
-        raise TargetRefused("url host does not resolve")
-    return addresses[0]
+        return public_addresses(host, port)[0]
+    except TargetRefused as exc:
+        raise TargetRefused(
+            f"{exc}; list the host in MOTIONHOOK_DESTINATION_ALLOWED_HOSTS to allow it"
+        ) from None

@@ -19,6 +19,7 @@ import redis
 
 from service.config import Settings, load_config
 from service.devstack import free_port
+from service.notifiers import brokers
 from service.notifiers.brokers import BrokerPool
 from service.notifiers.webhook import generate_secret, serialize
 from tests.brokers import (
@@ -297,6 +298,21 @@ def test_one_connection_per_destination_is_reused_and_replaced_after_it_dies(
     # The dead connection was noticed and replaced within the same attempt.
     assert after.outcome.result == "delivered", after
     assert replacement["id"] != connection["id"]
+
+
+def test_a_publisher_idle_for_long_is_closed_when_another_opens(
+    pool: BrokerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = pool.publisher("redis", f"{REDIS}?stream=a")
+    first.last_used -= brokers.IDLE_CLOSE_SECONDS + 1
+    closed: list[bool] = []
+    monkeypatch.setattr(first, "close", lambda: closed.append(True))
+
+    second = pool.publisher("redis", f"{REDIS}?stream=b")
+
+    assert closed == [True]
+    assert pool.publisher("redis", f"{REDIS}?stream=b") is second
+    assert pool.publisher("redis", f"{REDIS}?stream=a") is not first
 
 
 # -- the policy: retry, failed, permanent ------------------------------------------------

@@ -8,7 +8,6 @@ reads from each broker and what the deliveries API says.
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ from tests.brokers import (
 )
 from tests.conftest import eventually
 from tests.sinks import Sink
-from tests.test_e2e_fanout import FAST_RETRIES, SMALL_VIDEO, STACK_ENV, Api, all_settled
+from tests.test_e2e_fanout import FAST_RETRIES, SMALL_VIDEO, Api, all_settled, start
 
-__all__ = ["servers"]  # the fixture, imported for the tests below
+__all__ = ["servers", "start"]  # the fixtures, imported for the tests below
 
 pytestmark = pytest.mark.e2e
 
@@ -77,33 +76,19 @@ def destinations(tmp_path: Path, servers: list[Server]) -> Iterator[dict[str, An
 
 
 @pytest.fixture
-def start(
-    make_stack: Callable[..., Any], destinations: dict[str, Any]
-) -> Iterator[Callable[..., Api]]:
-    apis: list[Api] = []
+def brokers_stack(start: Callable[..., Api], destinations: dict[str, Any]) -> Callable[[], Api]:
+    """A stack (simulator, web, one worker) that reaches moto, with fast retries."""
 
-    def start_stack(**env: str) -> Api:
-        stack = make_stack(
-            **STACK_ENV,
+    def start_stack() -> Api:
+        return start(
+            simulator=True,
             **FAST_RETRIES,
             **AWS_ENV,
             MOTIONHOOK_AWS_ENDPOINT_URL=destinations["endpoint"],
             MOTIONHOOK_LOG_LEVEL="DEBUG",
-            **env,
         )
-        stack.migrate()
-        stack.start_simulator("--delay", "0.2", "--eta", "1")
-        stack.start_web()
-        stack.start_worker()
-        api = Api(stack)
-        apis.append(api)
-        return api
 
-    yield start_stack
-    for api in apis:
-        api.session.close()
-        for process in api.stack.processes:
-            process.signal(signal.SIGTERM)
+    return start_stack
 
 
 def subscribe_all(api: Api, made: dict[str, Any], hook: Sink) -> dict[str, dict[str, Any]]:
@@ -128,9 +113,9 @@ def received(made: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], bytes
 
 
 def test_one_job_gives_exactly_one_signed_message_per_destination(
-    start: Callable[..., Api], destinations: dict[str, Any]
+    brokers_stack: Callable[[], Api], destinations: dict[str, Any]
 ) -> None:
-    api = start()
+    api = brokers_stack()
     hook = Sink()
     try:
         subs = subscribe_all(api, destinations, hook)
@@ -207,13 +192,16 @@ def test_one_job_gives_exactly_one_signed_message_per_destination(
 
 
 def test_wrong_credentials_disable_the_subscription_and_never_leak(
-    start: Callable[..., Api], servers: list[Server], tmp_path: Path, destinations: dict[str, Any]
+    brokers_stack: Callable[[], Api],
+    servers: list[Server],
+    tmp_path: Path,
+    destinations: dict[str, Any],
 ) -> None:
     password = "wrong-" + unique("")
     (tmp_path / "guarded").mkdir()
     guarded = redis_server(tmp_path / "guarded", password="right-" + unique("")).start()
     servers.append(guarded)
-    api = start()
+    api = brokers_stack()
     subs = [
         api.subscribe(
             "amqp",

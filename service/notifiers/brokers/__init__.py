@@ -222,14 +222,15 @@ class BrokerPool:
             created: Publisher = getattr(module, class_name)(
                 parse_destination(kind, url), self.settings
             )
+            now = time.monotonic()
             idle = [
-                other
+                other_key
                 for other_key, other in self._publishers.items()
-                if time.monotonic() - other.last_used > IDLE_CLOSE_SECONDS
-                and self._publishers.pop(other_key) is other
+                if now - other.last_used > IDLE_CLOSE_SECONDS
             ]
+            closing = [self._publishers.pop(other_key) for other_key in idle]
             self._publishers[key] = created
-        for other in idle:
+        for other in closing:
             other.close()
         return created
 
