@@ -47,7 +47,7 @@ from service.callbacks import receive_callback
 from service.config import Settings, load_config
 from service.devstack import Process, Stack, free_port
 from service.extension import Services
-from service.models import Delivery, DeliveryAttempt, Subscription
+from service.models import DEFAULT_PROJECT_ID, Delivery, DeliveryAttempt, Subscription
 from service.subscriptions import create_subscription
 
 NAME = "fanout"
@@ -72,7 +72,12 @@ def build_backlog(running: Stack, targets: list[tuple[str, str]], jobs: int) -> 
     try:
         with db.transaction() as session:
             for kind, url in targets:
-                create_subscription(session, {"kind": kind, "url": url, "events": []})
+                create_subscription(
+                    session,
+                    DEFAULT_PROJECT_ID,
+                    {"kind": kind, "url": url, "events": []},
+                    limit=len(targets),
+                )
         made = insert_processing_jobs(database_url(running), jobs)
         for job_id, upstream_id in made:
             body = {
