@@ -124,7 +124,7 @@ def public_addresses(host: str, port: int) -> list[str]:
     """Resolve ``host``; return its addresses, or raise TargetRefused if any is not public."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError, ValueError):  # ValueError: a NUL in the host
         raise TargetRefused("url host does not resolve") from None
     if not infos:
         raise TargetRefused("url host does not resolve")

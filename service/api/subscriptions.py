@@ -41,7 +41,10 @@ blp = Blueprint(
     "subscriptions",
     __name__,
     url_prefix="/v1/subscriptions",
-    description="Where events are delivered: Slack, Discord or signed webhooks",
+    description=(
+        "Where events are delivered: Slack, Discord, signed webhooks, or a broker "
+        "(RabbitMQ, NATS JetStream, Redis Streams, SQS, EventBridge)"
+    ),
 )
 blp.before_request(require_client)
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
