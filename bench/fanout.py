@@ -340,13 +340,17 @@ class Target:
         self._nats("create")
         return f"nats://127.0.0.1:4222/{self.stream.lower()}.events"
 
+    def _amqp_channel(self) -> Any:
+        # A connection per use: an idle blocking connection misses its heartbeats.
+        connection = pika.BlockingConnection(pika.URLParameters("amqp://127.0.0.1/"))
+        return connection.channel()
+
     def _make_amqp(self, _endpoint: str) -> str:
-        self.connection = pika.BlockingConnection(pika.URLParameters("amqp://127.0.0.1/"))
-        channel = self.connection.channel()
+        channel = self._amqp_channel()
         channel.exchange_declare(self.name, exchange_type="topic")
         channel.queue_declare(self.name, durable=True)
         channel.queue_bind(self.name, self.name, "#")
-        self.channel = channel
+        channel.connection.close()
         return f"amqp://guest:guest@127.0.0.1:5672/?exchange={self.name}"
 
     def _make_sqs(self, endpoint: str) -> str:
@@ -406,17 +410,18 @@ class Target:
             self._nats("delete")
             return ids
         if self.kind == "amqp":
+            channel = self._amqp_channel()
             found = []
-            for _method, properties, _body in self.channel.consume(
+            for _method, properties, _body in channel.consume(
                 self.name, auto_ack=True, inactivity_timeout=2
             ):
                 if properties is None:  # nothing for 2 s: the queue is drained
                     break
                 found.append(properties.message_id)
-            self.channel.cancel()
-            self.channel.queue_delete(self.name)
-            self.channel.exchange_delete(self.name)
-            self.connection.close()
+            channel.cancel()
+            channel.queue_delete(self.name)
+            channel.exchange_delete(self.name)
+            channel.connection.close()
             return found
         ids = []
         while True:
