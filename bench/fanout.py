@@ -191,7 +191,13 @@ def run(scale: Scale) -> dict[str, Any]:
     """
     wanted = os.environ.get("MOTIONHOOK_BENCH_FANOUT_KINDS", ",".join(ALL_KINDS)).split(",")
     previous = read_result(NAME) or {}
-    data = _webhooks(scale) if "webhook" in wanted else previous
+    if "webhook" in wanted:
+        data = _webhooks(scale)
+    else:
+        # The webhook rows of the previous run, with where and when they were measured
+        # (write_result stamps this run's own).
+        data = {key: value for key, value in previous.items() if key not in RUN_STAMP}
+        data.setdefault("webhook_run", {key: previous.get(key) for key in RUN_STAMP})
     rows = {row["kind"]: row for row in previous.get("brokers", [])}
     with contextlib.ExitStack() as servers:
         endpoint = ""
@@ -201,6 +207,7 @@ def run(scale: Scale) -> dict[str, Any]:
             if kind in wanted:
                 full = AWS_EVENTS if kind in ("sqs", "eventbridge") else BROKER_EVENTS
                 rows[kind] = broker_row(kind, scale.count(full, 200), endpoint)
+                rows[kind]["load_average_at_end"] = round(os.getloadavg()[0], 2)
                 # Written after each kind, so an interrupted run keeps what it measured.
                 _with_brokers(data, rows)
                 write_result(NAME, data)
@@ -289,6 +296,7 @@ AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 READ_BATCH = 1000
+RUN_STAMP = ("benchmark", "finished_at", "source", "machine", "load_average_at_end")
 
 
 @contextlib.contextmanager
