@@ -83,7 +83,21 @@ def _fanout(data: dict[str, Any]) -> list[str]:
         f"{two['deliveries_per_s']:.0f}/s (x{data['scaling_ratio']}); {two['duplicates']} "
         f"duplicates, {two['lost']} lost of {two['deliveries']:,} | "
         f"{_met(two['duplicates'] == 0 and two['lost'] == 0)} |",
+        *(_broker(row) for row in data.get("brokers", [])),
     ]
+
+
+def _broker(row: dict[str, Any]) -> str:
+    target = fanout.BROKER_TARGETS.get(row["kind"])
+    wanted = f">= {target:,.0f}/s, " if target else "(moto, not AWS) "
+    met = row["lost"] == 0 and row["duplicates"] == 0
+    met = met and (target is None or row["deliveries_per_s"] >= target)
+    return (
+        f"| Fan-out | deliveries/s, 1 worker process -> {row['kind']} (acked) | "
+        f"{wanted}0 lost, 0 duplicated | {row['deliveries_per_s']:.0f}/s "
+        f"({row['worker_cpu_ms_per_delivery']:.2f} ms CPU each); {row['lost']} lost, "
+        f"{row['duplicates']} duplicated of {row['deliveries']:,} | {_met(met)} |"
+    )
 
 
 def _footprint(data: dict[str, Any]) -> list[str]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from schemas.destinations import BROKER_KINDS, parse_destination
 from schemas.jobs import EVENT_TYPES
 
-KINDS = ("slack", "discord", "webhook")
+HTTP_KINDS = ("slack", "discord", "webhook")
+KINDS = (*HTTP_KINDS, *BROKER_KINDS)
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 # A subscription may name every event type (DESIGN §3); by default it gets the job events.
 SUBSCRIPTION_EVENT_TYPES = (*EVENT_TYPES, "test.ping")
@@ -28,26 +31,43 @@ class SubscriptionCreateSchema(Schema):
         required=True,
         validate=validate.OneOf(KINDS, error="must be one of: " + ", ".join(KINDS)),
     )
-    url = fields.Url(
-        required=True,
-        schemes={"http", "https"},
-        require_tld=False,
-        validate=validate.Length(max=2000),
-    )
+    # http(s) for slack, discord and webhook; a broker URL for the others (checked below).
+    url = fields.String(required=True, validate=validate.Length(min=1, max=2000))
     events = fields.List(
         _event_type, load_default=lambda: list(EVENT_TYPES), validate=validate.Length(min=1)
     )
     description = fields.String(load_default="", validate=validate.Length(max=500))
     enabled = fields.Boolean(load_default=True)
 
+    @validates_schema
+    def _url_fits_kind(self, data: dict[str, Any], **_kwargs: Any) -> None:
+        if "kind" in data and "url" in data:
+            check_url(data["kind"], data["url"])
+
+
+_HTTP_URL = fields.Url(schemes={"http", "https"}, require_tld=False)
+
+
+def check_url(kind: str, url: str) -> None:
+    """Raise a ValidationError on ``url`` unless it is the URL shape ``kind`` needs."""
+    if kind in BROKER_KINDS:
+        try:
+            parse_destination(kind, url)
+        except ValueError as exc:
+            raise ValidationError(str(exc), field_name="url") from None
+        return
+    try:
+        _HTTP_URL.deserialize(url)
+    except ValidationError as exc:
+        raise ValidationError(exc.messages, field_name="url") from None
+
 
 class SubscriptionUpdateSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    url = fields.Url(
-        schemes={"http", "https"}, require_tld=False, validate=validate.Length(max=2000)
-    )
+    # Checked against the subscription's kind by the view (see ``check_url``).
+    url = fields.String(validate=validate.Length(min=1, max=2000))
     events = fields.List(_event_type, validate=validate.Length(min=1))
     description = fields.String(validate=validate.Length(max=500))
     enabled = fields.Boolean()

@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "S3_ENDPOINT_URL": None,
     "MEDIA_PUBLIC_BASE_URL": None,
     "ALLOW_PRIVATE_TARGETS": None,
+    "DESTINATION_ALLOWED_HOSTS": None,
+    "AWS_ENDPOINT_URL": None,
     "RETRY_SCHEDULE": DEFAULT_RETRY_SCHEDULE,
     "DELIVERY_TIMEOUT": 15,
     "DISABLE_AFTER": 5 * 24 * 3600,
@@ -243,6 +245,8 @@ class Settings:
     s3_endpoint_url: str | None
     media_public_base_url: str | None
     allow_private_targets: bool
+    destination_allowed_hosts: tuple[str, ...]
+    aws_endpoint_url: str | None
     retry_schedule: tuple[float, ...]
     delivery_timeout: float
     disable_after: float
@@ -351,6 +355,10 @@ class Settings:
             allow_private_targets=(
                 not production if allow_private is None else _as_bool(allow_private)
             ),
+            destination_allowed_hosts=tuple(
+                host.lower() for host in _as_list(config.get("DESTINATION_ALLOWED_HOSTS"))
+            ),
+            aws_endpoint_url=config.get("AWS_ENDPOINT_URL") or None,
             retry_schedule=schedule,
             delivery_timeout=_as_seconds("DELIVERY_TIMEOUT", config["DELIVERY_TIMEOUT"]),
             disable_after=_as_seconds("DISABLE_AFTER", config["DISABLE_AFTER"]),

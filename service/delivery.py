@@ -39,6 +39,7 @@ from service.models import (
     utcnow,
 )
 from service.notifiers import render_message
+from service.notifiers.brokers import BROKER_KINDS, BrokerPool
 from service.notifiers.policy import AttemptResult, send
 from service.notifiers.webhook import serialize
 from service.queue import ClaimedDelivery, claim_deliveries
@@ -263,6 +264,7 @@ class Deliverer:
         self.settings = services.settings
         self.db = services.db
         self.http = session
+        self.brokers = BrokerPool(self.settings)
         self.owner = owner
         self.rng = random.Random()
         self.schedule = Schedule(self.settings.retry_schedule)
@@ -299,6 +301,14 @@ class Deliverer:
             result = send_reply(
                 self.db, self.settings, self.http, prepared.envelope, now=datetime.now(UTC)
             )
+        elif prepared.kind in BROKER_KINDS:
+            result = self.brokers.send(
+                prepared.kind,
+                prepared.url,
+                prepared.envelope,
+                secrets=prepared.secrets,
+                serialized=prepared.serialized,
+            )
         else:
             message = render_message(
                 prepared.kind,
@@ -316,6 +326,10 @@ class Deliverer:
             )
         record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
         self._settle(prepared, result)
+
+    def close(self) -> None:
+        """Close the broker connections (the worker is stopping)."""
+        self.brokers.close()
 
     def _prepare_batch(
         self,
@@ -348,7 +362,7 @@ class Deliverer:
 
         def prepared(item: ClaimedDelivery, kind: str, url: str, secrets: list[str]) -> Prepared:
             body = None
-            if kind == "webhook":
+            if kind == "webhook" or kind in BROKER_KINDS:
                 if item.event_id not in bodies:
                     bodies[item.event_id] = serialize(payloads[item.event_id])
                 body = bodies[item.event_id]

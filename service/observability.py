@@ -64,6 +64,12 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Slack and Discord webhook URLs are credentials as a whole (subscription targets).
     (re.compile(r"(?i)(hooks\.slack\.com/)[^\s\"'<>]+"), r"\1" + REDACTED),
     (re.compile(r"(?i)(/api(?:/v\d+)?/webhooks/)[^\s\"'<>]+"), r"\1" + REDACTED),
+    # Passwords in URLs (amqp://user:pass@host), and NATS tokens (nats://token@host).
+    (
+        re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/?#@\"']*:)[^\s@/?#\"']+@"),
+        r"\1" + REDACTED + "@",
+    ),
+    (re.compile(r"(?i)\b((?:nats|tls)://)[^\s:/?#@\"']+@"), r"\1" + REDACTED + "@"),
 )
 # Every pattern above matches only text that contains one of these (lowercased).
 _PATTERN_WORDS = (
@@ -77,6 +83,7 @@ _PATTERN_WORDS = (
     "password",
     "hooks.slack.com",
     "/webhooks/",
+    "@",
 )
 MIN_SECRET_LENGTH = 6
 

@@ -118,12 +118,18 @@ def validate_target_url(url: str, *, allow_private: bool) -> None:
         return
     if port is None:
         port = 443 if parts.scheme.lower() == "https" else 80
+    public_addresses(host, port)
+
+
+def public_addresses(host: str, port: int) -> list[str]:
+    """Resolve ``host``; return its addresses, or raise TargetRefused if any is not public."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError, ValueError):  # ValueError: a NUL in the host
         raise TargetRefused("url host does not resolve") from None
     if not infos:
         raise TargetRefused("url host does not resolve")
+    addresses = []
     for info in infos:
         try:
             address = ipaddress.ip_address(str(info[4][0]))
@@ -132,6 +138,8 @@ def validate_target_url(url: str, *, allow_private: bool) -> None:
         refusal = _refusal(address)
         if refusal is not None:
             raise refusal
+        addresses.append(str(address))
+    return addresses
 
 
 class _GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
@@ -223,3 +231,30 @@ def make_session(
             adapter = _GuardedAdapter(is_https=is_https, hosts=hosts, per_host=per_host)
         session.mount(prefix, adapter)
     return session
+
+
+def _host_allowed(host: str, port: int, allowed_hosts: tuple[str, ...]) -> bool:
+    """Tell whether ``host`` or ``host:port`` is on ``MOTIONHOOK_DESTINATION_ALLOWED_HOSTS``."""
+    name = host.lower().strip("[]")
+    shown = f"[{name}]" if ":" in name else name
+    return name in allowed_hosts or shown in allowed_hosts or f"{shown}:{port}" in allowed_hosts
+
+
+def resolve_destination(
+    host: str, port: int, *, allow_private: bool, allowed_hosts: tuple[str, ...]
+) -> str:
+    """Return the address to connect to for a broker at ``host:port``, or raise TargetRefused.
+
+    Hosts on the allow-list (and every host when private targets are allowed) are
+    returned as they are; any other host must resolve to public addresses only, and
+    the first of them is returned so that the caller connects to the address checked
+    (no second DNS answer, as with :func:`make_session`'s pinning).
+    """
+    if allow_private or _host_allowed(host, port, allowed_hosts):
+        return host
+    try:
+        return public_addresses(host, port)[0]
+    except TargetRefused as exc:
+        raise TargetRefused(
+            f"{exc}; list the host in MOTIONHOOK_DESTINATION_ALLOWED_HOSTS to allow it"
+        ) from None

@@ -272,7 +272,7 @@ def _import_boto3() -> Any:
         import boto3
     except ImportError as exc:
         raise RuntimeError(
-            "S3 storage needs boto3; install the S3 extra: pip install 'motionhook[s3]'"
+            "S3 storage needs boto3; install the aws extra: pip install 'motionhook[aws]'"
         ) from exc
     return boto3
 

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from schemas.destinations import BROKER_KINDS, mask_destination_url, parse_destination
+from service.config import Settings
 from service.db import Database
 from service.events import add_delivery, new_event
 from service.jobs import decode_cursor, encode_cursor_parts, isoformat
@@ -25,13 +27,52 @@ from service.models import (
     new_id,
     utcnow,
 )
+from service.notifiers.brokers import missing_extra
 from service.notifiers.webhook import generate_secret
+from service.outbound import resolve_destination, validate_target_url
 
 SECRET_OVERLAP = timedelta(hours=24)
 WEBHOOK = "webhook"
 MASK = "***"
 # Kinds whose whole URL is a credential (whoever has it can post to the channel).
 SECRET_URL_KINDS = frozenset({"slack", "discord"})
+# Kinds whose messages carry Standard Webhooks signatures with the subscription's secret.
+SIGNED_KINDS = frozenset({WEBHOOK, *BROKER_KINDS})
+# Kinds whose client connects to a host named in the URL (boto3 connects to AWS's own
+# endpoint, or MOTIONHOOK_AWS_ENDPOINT_URL, whatever the queue URL says).
+HOSTED_KINDS = frozenset({"amqp", "nats", "redis"})
+
+
+class MissingExtra(ValueError):
+    """The client library of a subscription kind is not installed."""
+
+
+def check_destination(kind: str, url: str, settings: Settings) -> None:
+    """Refuse a URL the worker must not reach (TargetRefused) or cannot (MissingExtra).
+
+    ``url`` has the shape ``kind`` needs (the schema checked it).
+    """
+    if kind not in BROKER_KINDS:
+        validate_target_url(url, allow_private=settings.allow_private_targets)
+        return
+    extra = missing_extra(kind)
+    if extra is not None:
+        raise MissingExtra(
+            f"kind {kind} needs its client library: pip install 'motionhook[{extra}]'"
+        )
+    if kind in HOSTED_KINDS:
+        destination = parse_destination(kind, url)
+        resolve_destination(
+            destination.host,
+            destination.port,
+            allow_private=settings.allow_private_targets,
+            allowed_hosts=settings.destination_allowed_hosts,
+        )
+
+
+def _masked_url(kind: str, url: str) -> str:
+    """A target URL as shown after create: brokers without their password, chats cut."""
+    return mask_destination_url(kind, url) if kind in BROKER_KINDS else mask_target_url(kind, url)
 
 
 class SubscriptionLimitReached(Exception):
@@ -92,7 +133,7 @@ def subscription_resource(
     resource: dict[str, Any] = {
         "id": sub.id,
         "kind": sub.kind,
-        "url": sub.url if full_url else mask_target_url(sub.kind, sub.url),
+        "url": sub.url if full_url else _masked_url(sub.kind, sub.url),
         "events": list(sub.events or []),
         "description": sub.description,
         "enabled": sub.enabled,
@@ -127,7 +168,7 @@ def create_subscription(
         events=list(dict.fromkeys(params["events"])),
         description=params.get("description", ""),
         enabled=params.get("enabled", True),
-        secret=generate_secret() if params["kind"] == WEBHOOK else None,
+        secret=generate_secret() if params["kind"] in SIGNED_KINDS else None,
         created_at=now,
         updated_at=now,
     )

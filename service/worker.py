@@ -81,6 +81,8 @@ class Lane(Generic[T]):
     threads: int
     capacity: int
     batch: int = 1
+    # Releases what the lane's work holds open (connections), once the worker stops.
+    close: Callable[[], None] = lambda: None
     pool: ThreadPoolExecutor = field(init=False, repr=False)
     held: dict[Future[None], T] = field(init=False, default_factory=dict, repr=False)
     # Items whose work failed because the database was away: handed back once it is back.
@@ -161,6 +163,7 @@ def job_lanes(services: Services, owner: str) -> list[Lane[Any]]:
         threads=settings.delivery_threads,
         capacity=settings.delivery_threads * 2,
         batch=max(1, settings.delivery_threads // 2),
+        close=deliverer.close,
     )
     return [submits, tasks, deliveries]
 
@@ -451,6 +454,7 @@ class Worker:
             )
         for lane in self.lanes:
             lane.pool.shutdown(wait=False, cancel_futures=True)
+            lane.close()
         # Work still running past the grace period was handed back above; its threads
         # may sit in a network call for a while yet, so run_worker must not wait for them.
         self.abandoned = len(running)

@@ -237,7 +237,7 @@ def test_open_storage_rejects_other_urls_naming_the_variable(url: str) -> None:
 def test_s3_without_boto3_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "boto3", None)
 
-    with pytest.raises(RuntimeError, match=r"motionhook\[s3\]"):
+    with pytest.raises(RuntimeError, match=r"motionhook\[aws\]"):
         open_storage("s3://bucket/prefix")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask_smorest import Blueprint
+from marshmallow import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,15 +17,18 @@ from schemas.subscriptions import (
     SubscriptionSchema,
     SubscriptionUpdateSchema,
     TestSentSchema,
+    check_url,
 )
 from service.api.auth import client_project, owned, require_client
 from service.api.errors import abort
 from service.extension import services
 from service.models import Subscription
-from service.outbound import TargetRefused, validate_target_url
+from service.outbound import TargetRefused
 from service.subscriptions import (
-    WEBHOOK,
+    SIGNED_KINDS,
+    MissingExtra,
     SubscriptionLimitReached,
+    check_destination,
     create_subscription,
     recover_failed,
     rotate_secret,
@@ -37,16 +41,22 @@ blp = Blueprint(
     "subscriptions",
     __name__,
     url_prefix="/v1/subscriptions",
-    description="Where events are delivered: Slack, Discord or signed webhooks",
+    description=(
+        "Where events are delivered: Slack, Discord, signed webhooks, or a broker "
+        "(RabbitMQ, NATS JetStream, Redis Streams, SQS, EventBridge)"
+    ),
 )
 blp.before_request(require_client)
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
-def check_target(url: str) -> None:
-    """Refuse URLs that resolve to private, loopback, link-local or metadata addresses."""
+def check_target(kind: str, url: str) -> None:
+    """Refuse URLs that resolve to private, loopback, link-local or metadata addresses,
+    and kinds whose client library is not installed."""
     try:
-        validate_target_url(url, allow_private=services().settings.allow_private_targets)
+        check_destination(kind, url, services().settings)
+    except MissingExtra as exc:
+        abort(422, message=f"kind: {exc}", errors={"json": {"kind": [str(exc)]}})
     except TargetRefused as exc:
         abort(422, message=f"url: {exc}", errors={"json": {"url": [str(exc)]}})
 
@@ -61,7 +71,7 @@ def load_subscription(session: Session, subscription_id: str) -> Subscription:
 @blp.response(201, SubscriptionSchema)
 def create(params: dict[str, Any]) -> dict[str, Any]:
     """Subscribe a target to events; webhook targets get their signing secret once."""
-    check_target(params["url"])
+    check_target(params["kind"], params["url"])
     svc = services()
     with svc.db.transaction() as session:
         try:
@@ -105,10 +115,15 @@ def get(subscription_id: str) -> dict[str, Any]:
 @blp.response(200, SubscriptionSchema)
 def patch(changes: dict[str, Any], subscription_id: str) -> dict[str, Any]:
     """Change url, events, description or enabled."""
-    if "url" in changes:
-        check_target(changes["url"])
     with services().db.transaction() as session:
         sub = load_subscription(session, subscription_id)
+        if "url" in changes:
+            try:
+                check_url(sub.kind, changes["url"])
+            except ValidationError as exc:
+                reasons = exc.messages
+                abort(422, message=f"url: {reasons}", errors={"json": {"url": reasons}})
+            check_target(sub.kind, changes["url"])
         update_subscription(sub, changes)
         return subscription_resource(sub)
 
@@ -129,7 +144,7 @@ def rotate(subscription_id: str) -> dict[str, Any]:
     """Issue a new signing secret; the old one keeps signing alongside for 24 hours."""
     with services().db.transaction() as session:
         sub = load_subscription(session, subscription_id)
-        if sub.kind != WEBHOOK:
+        if sub.kind not in SIGNED_KINDS:
             abort(409, message=f"kind {sub.kind} subscriptions have no signing secret")
         secret = rotate_secret(sub)
         return subscription_resource(sub, secret=secret)
