@@ -9,6 +9,7 @@ from flask_smorest import Api as SmorestApi
 from werkzeug.exceptions import HTTPException
 
 from schemas.jobs import JobCreateSchema
+from service.api import docs
 from service.extension import services
 
 API_SETTINGS = {
@@ -17,12 +18,9 @@ API_SETTINGS = {
     "OPENAPI_VERSION": "3.0.3",
     "OPENAPI_URL_PREFIX": "/",
     "OPENAPI_JSON_PATH": "openapi.json",
-    "OPENAPI_SWAGGER_UI_PATH": "/docs",
-    "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    **docs.SETTINGS,
     "API_SPEC_OPTIONS": {
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
+        "components": {"securitySchemes": docs.SECURITY_SCHEMES},
         "info": {
             "description": "Submit ModelsLab image-to-video jobs and get told when they finish."
         },
@@ -98,6 +96,7 @@ def register_api(app: Flask) -> Api:
         app.config.setdefault(key, value)
     api = Api(app)
     api.spec.components.schema("JobCreate", schema=JobCreateSchema)
+    api.spec.components.schema("JobCreateForm", docs.job_form_schema(api.ma_plugin.converter))
     api.register_blueprint(jobs.blp)
     api.register_blueprint(subscriptions.blp)
     api.register_blueprint(deliveries.blp)
@@ -105,6 +104,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)
+    app.register_blueprint(docs.assets)
     init_limiter(app, app.extensions["motionhook"].settings)
     app.after_request(add_security_headers)
     return api
