@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_TOKEN": None,
     "WORKER_METRICS_PORT": None,
     "WORKER_METRICS_HOST": "0.0.0.0",
+    "STREAMS_MAX": 100,
+    "STREAM_HEARTBEAT": 15,
     # Unprefixed (DESIGN §4), read from the environment when not in the mapping.
     "SENTRY_DSN": None,
     "SENTRY_ENVIRONMENT": None,
@@ -209,6 +211,8 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "0.0.0.0"
+    streams_max: int = 100
+    stream_heartbeat: float = 15.0
     sentry_dsn: str | None = field(default=None, repr=False)
     sentry_environment: str | None = None
     sentry_traces_sample_rate: float = 0.0
@@ -299,6 +303,8 @@ class Settings:
                 int(config["WORKER_METRICS_PORT"]) if config.get("WORKER_METRICS_PORT") else None
             ),
             worker_metrics_host=str(config.get("WORKER_METRICS_HOST") or "0.0.0.0"),
+            streams_max=int(config["STREAMS_MAX"]),
+            stream_heartbeat=_as_seconds("STREAM_HEARTBEAT", config["STREAM_HEARTBEAT"]),
             **_sentry_settings(config),
         )
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    FetchedValue,
     Float,
     ForeignKey,
     Index,
@@ -124,6 +125,13 @@ class Event(Base):
     job_id: Mapped[str | None] = mapped_column(String(40), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     payload: Mapped[dict[str, Any]]
+    # The order of the events API and streams, filled in by the database (migration
+    # 0002, service/eventlog.py); never read back after an insert.
+    seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), deferred=True)
+    txid: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), deferred=True)
+
+    __table_args__ = (Index("ix_events_position", "txid", "seq", unique=True),)
+    __mapper_args__ = {"eager_defaults": False}
 
 
 class Subscription(Base):

@@ -69,9 +69,7 @@ def test_query_parameters_are_described(client: FlaskClient) -> None:
                 assert parameter.get("description"), f"{where} has no description"
 
 
-def test_the_example_job_is_accepted_as_pasted(
-    client: FlaskClient, auth: dict[str, str]
-) -> None:
+def test_the_example_job_is_accepted_as_pasted(client: FlaskClient, auth: dict[str, str]) -> None:
     body = spec(client)["paths"]["/v1/jobs"]["post"]["requestBody"]
     example = body["content"]["application/json"]["example"]
     response = client.post("/v1/jobs", json=example, headers=auth)

@@ -88,7 +88,7 @@ def add_security_headers(response: Response) -> Response:
 
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
-    from service.api import callbacks, deliveries, health, jobs, metrics, subscriptions
+    from service.api import callbacks, deliveries, events, health, jobs, metrics, subscriptions
     from service.api.media import media_bp
     from service.api.ratelimit import init_limiter
 
@@ -100,6 +100,8 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(jobs.blp)
     api.register_blueprint(subscriptions.blp)
     api.register_blueprint(deliveries.blp)
+    api.register_blueprint(events.blp)
+    events.init_streams(app)
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
