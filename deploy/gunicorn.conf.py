@@ -82,6 +82,22 @@ def on_starting(server):
         stale.unlink()
 
 
+def post_worker_init(worker):
+    """On SIGTERM, end event streams first: they would hold the worker for graceful_timeout."""
+    import signal
+
+    from service.streams import stop_streams
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        stop_streams()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live gauges (its counters stay, as Prometheus expects)."""
     from prometheus_client import multiprocess

@@ -42,8 +42,23 @@ MAX_QUEUED = 10_000
 RETRY_MS = 1000  # how soon an EventSource reconnects after the stream ends
 
 
+# Every hub of this process that has started, for stop_streams (one per app).
+STARTED_HUBS: list[Hub] = []
+
+
 class StreamsFull(Exception):
-    """This process already serves its maximum number of streams."""
+    """This process already serves its maximum number of streams (or is stopping)."""
+
+
+def stop_streams() -> None:
+    """End every open stream of this process now (gunicorn calls it on SIGTERM).
+
+    Streams never finish by themselves, so a stopping worker would otherwise wait
+    out its whole graceful timeout; their clients reconnect with Last-Event-ID.
+    Safe in a signal handler: it takes no lock.
+    """
+    for hub in STARTED_HUBS:
+        hub.stop()
 
 
 @dataclass(eq=False)
@@ -83,12 +98,15 @@ class Hub:
         self.position: Position | None = None
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self.stopping = False
 
     # -- streams -------------------------------------------------------
 
     def open(self, *, event_type: str | None = None, job_id: str | None = None) -> Subscriber:
         """Register a stream from now on, or raise :class:`StreamsFull`."""
         with self.lock:
+            if self.stopping:
+                raise StreamsFull("this process is stopping")
             if len(self.subscribers) >= self.max_streams:
                 raise StreamsFull(f"{self.max_streams} streams are open in this process")
             if self.position is None:
@@ -100,6 +118,7 @@ class Hub:
                 # Started here, not in create_app: gunicorn may fork after create_app.
                 self.thread = threading.Thread(target=self._run, name="event-hub", daemon=True)
                 self.thread.start()
+                STARTED_HUBS.append(self)
         self.wake.set()
         return subscriber
 
@@ -109,9 +128,17 @@ class Hub:
             if not self.subscribers:
                 self.position = None  # stop following; the next open starts afresh
 
-    @property
-    def open_streams(self) -> int:
-        return len(self.subscribers)
+    def stop(self) -> None:
+        """End every stream and refuse new ones (lock-free: see stop_streams)."""
+        self.stopping = True
+        while True:
+            try:
+                subscribers = list(self.subscribers)
+                break
+            except RuntimeError:  # the set changed while being copied
+                continue
+        for subscriber in subscribers:
+            subscriber.queue.put(None)  # SimpleQueue.put is reentrant
 
     def events(
         self, subscriber: Subscriber, *, after: Position | None, until_terminal: bool
