@@ -26,11 +26,15 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # Load the app once in the master and fork the workers from it: they start serving
 # at once instead of each importing the app at the same time (a cold start of about
-# 0.85 s instead of 1.3-1.5 s on 2 cores; see docs/PERFORMANCE.md), and they share
+# 0.85 s instead of 1.3-1.5 s on 2 cores; see docs/performance.md), and they share
 # the imported code's memory. create_app opens no connections, so nothing is
 # shared across the fork. A code change needs a restart, not a HUP.
 preload_app = os.environ.get("GUNICORN_PRELOAD", "1") == "1"
 worker_class = "gthread"
+# An event stream (GET /v1/events/stream) holds a gthread thread for as long as it is
+# open: by default let streams take at most half of them, so requests always find one.
+if worker_class == "gthread":
+    os.environ.setdefault("MOTIONHOOK_STREAMS_MAX", str(max(1, threads // 2)))
 # A request is never slow on purpose (no network I/O in requests): 30 s means stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # On SIGTERM, stop accepting and let requests in flight finish for this long.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from flask.testing import FlaskClient
 
 from schemas.jobs import JobCreateSchema
+from service.devstack import ROOT
+from service.extension import Services
 
 REQUEST_SCHEMAS = ("JobCreate", "SubscriptionCreate", "SubscriptionUpdate", "Recover")
 
@@ -74,3 +77,16 @@ def test_the_example_job_is_accepted_as_pasted(client: FlaskClient, auth: dict[s
     example = body["content"]["application/json"]["example"]
     response = client.post("/v1/jobs", json=example, headers=auth)
     assert response.status_code == 202, response.json
+
+
+def test_readme_json_examples_are_accepted_as_pasted(
+    client: FlaskClient, auth: dict[str, str], services: Services
+) -> None:
+    # As under `make run`, where loopback webhook receivers are allowed.
+    services.settings = replace(services.settings, allow_private_targets=True)
+    readme = (ROOT / "README.md").read_text()
+    bodies = re.findall(r"-X POST http://127\.0\.0\.1:8000/v1/jobs.*?-d '(\{.*?\})'", readme, re.S)
+    assert len(bodies) >= 2
+    for body in bodies:
+        response = client.post("/v1/jobs", data=body, content_type="application/json", headers=auth)
+        assert response.status_code == 202, (body, response.json)
