@@ -88,6 +88,7 @@ def add_security_headers(response: Response) -> Response:
 
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
+    from service import dashboard
     from service.api import callbacks, deliveries, events, health, jobs, metrics, subscriptions
     from service.api.media import media_bp
     from service.api.ratelimit import init_limiter
@@ -107,6 +108,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)
     app.register_blueprint(docs.assets)
+    dashboard.init_app(app)
     init_limiter(app, app.extensions["motionhook"].settings)
     app.after_request(add_security_headers)
     return api

@@ -10,15 +10,19 @@ from service.api.errors import abort
 from service.extension import services
 
 
+def token_is_valid(token: str) -> bool:
+    """Whether ``token`` is one of the configured API tokens (constant time)."""
+    valid = False
+    for candidate in services().settings.api_tokens:
+        valid |= hmac.compare_digest(candidate.encode(), token.strip().encode())
+    return valid and bool(token.strip())
+
+
 def require_token() -> None:
     """Reject the request unless it carries one of the configured bearer tokens."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    valid = False
-    if scheme.lower() == "bearer" and token:
-        for candidate in services().settings.api_tokens:
-            valid |= hmac.compare_digest(candidate.encode(), token.strip().encode())
-    if not valid:
+    if not (scheme.lower() == "bearer" and token_is_valid(token)):
         abort(401, message="missing or invalid bearer token (Authorization: Bearer <token>)")
 
 

@@ -106,7 +106,7 @@ def stream_all(args: dict[str, Any]) -> Response:
     if last_event_id:
         with services().db.transaction() as session:
             after = _position(session, last_event_id, "Last-Event-ID", "headers")
-    return _stream(
+    return open_stream(
         after=after, event_type=args.get("type"), job_id=args.get("job_id"), until_terminal=False
     )
 
@@ -130,10 +130,10 @@ def stream_job(job_id: str) -> Response:
         ).first()
     if terminal is not None and (int(terminal[0]), int(terminal[1])) <= after:
         return _sse_response(iter(()))  # the client has seen the end already
-    return _stream(after=after, event_type=None, job_id=job_id, until_terminal=True)
+    return open_stream(after=after, event_type=None, job_id=job_id, until_terminal=True)
 
 
-def _stream(
+def open_stream(
     *, after: Position | None, event_type: str | None, job_id: str | None, until_terminal: bool
 ) -> Response:
     streams = hub()
