@@ -100,17 +100,24 @@ def test_a_bad_upload_is_explained_not_a_500(signed_in: FlaskClient) -> None:
     assert "num_frames" in page
 
 
+def create_webhook(client: FlaskClient, services: Services) -> tuple[str, str]:
+    """Create a loopback webhook subscription through the form; return its id and page."""
+    services.settings = replace(services.settings, allow_private_targets=True)
+    status, page = post(
+        client, "/dashboard/subscriptions", kind="webhook", url="http://127.0.0.1:9/h"
+    )
+    assert status == 201
+    match = re.search(r'data-subscription="(sub_[a-z0-9]+)"', page)
+    assert match
+    return match.group(1), page
+
+
 def test_subscriptions_can_be_created_tested_rotated_toggled_and_recovered(
     signed_in: FlaskClient, services: Services
 ) -> None:
-    services.settings = replace(services.settings, allow_private_targets=True)
-    status, page = post(
-        signed_in, "/dashboard/subscriptions", kind="webhook", url="http://127.0.0.1:9/h"
-    )
-    assert status == 201
+    sub_id, page = create_webhook(signed_in, services)
     secret = re.search(r'id="secret">(whsec_[^<]+)<', page)
     assert secret
-    sub_id = re.search(r'data-subscription="(sub_[a-z0-9]+)"', page).group(1)  # type: ignore[union-attr]
     listing = signed_in.get("/dashboard/subscriptions").get_data(as_text=True)
     assert secret.group(1) not in listing  # shown once
     base = f"/dashboard/subscriptions/{sub_id}"
@@ -139,11 +146,7 @@ def test_a_private_subscription_url_is_refused_with_the_reason(signed_in: FlaskC
 def test_a_delivery_shows_its_attempts_and_can_be_retried(
     signed_in: FlaskClient, services: Services
 ) -> None:
-    services.settings = replace(services.settings, allow_private_targets=True)
-    _status, page = post(
-        signed_in, "/dashboard/subscriptions", kind="webhook", url="http://127.0.0.1:9/h"
-    )
-    sub_id = re.search(r'data-subscription="(sub_[a-z0-9]+)"', page).group(1)  # type: ignore[union-attr]
+    sub_id, _page = create_webhook(signed_in, services)
     post(signed_in, f"/dashboard/subscriptions/{sub_id}/test")
     with services.db.transaction() as session:
         delivery = session.query(Delivery).one()
