@@ -1,4 +1,4 @@
-"""``python -m bench [ingest|notify|fanout|footprint ...]``: run benchmarks, write results.
+"""``python -m bench [ingest|notify|fanout|footprint|capacity ...]``: run benchmarks, write results.
 
 With no name every benchmark runs, in the order above. ``--quick`` shrinks the
 counts and durations for a smoke run (its numbers are not the published ones);
@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.common import Scale, read_result, wait_for_quiet
 
-BENCHMARKS = ("ingest", "notify", "fanout", "footprint")
+BENCHMARKS = ("ingest", "notify", "fanout", "footprint", "capacity")
 QUICK = 0.1
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         module: Any = importlib.import_module(f"bench.{name}")
         if args.charts:
             data = read_result(name)
-            if data is not None:
+            if data is not None and hasattr(module, "chart"):
                 module.chart(data)
             continue
         load = wait_for_quiet(args.quiet_below) if args.quiet_below else None

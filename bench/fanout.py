@@ -34,7 +34,7 @@ from service.callbacks import receive_callback
 from service.config import Settings, load_config
 from service.devstack import Process, Stack
 from service.extension import Services
-from service.models import Delivery, DeliveryAttempt, Subscription
+from service.models import DEFAULT_PROJECT_ID, Delivery, DeliveryAttempt, Subscription
 from service.subscriptions import create_subscription
 
 NAME = "fanout"
@@ -61,7 +61,9 @@ def build_backlog(running: Stack, sink: Sink, jobs: int) -> int:
             for number in range(SUBSCRIPTIONS):
                 create_subscription(
                     session,
+                    DEFAULT_PROJECT_ID,
                     {"kind": "webhook", "url": sink.url(f"sub-{number}"), "events": []},
+                    limit=SUBSCRIPTIONS,
                 )
         made = insert_processing_jobs(database_url(running), jobs)
         for job_id, upstream_id in made:

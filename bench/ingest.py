@@ -77,7 +77,7 @@ def insert_processing_jobs(url: str, count: int) -> list[tuple[str, int]]:
     made = [(new_id("job"), 100_000 + number) for number in range(count)]
     job_columns = (
         "id, status, model_id, input, metadata, upstream_id, upstream_status, eta, "
-        "fetch_result, source_urls, outputs, submit_attempts, created_at, updated_at, "
+        "fetch_result, source_urls, outputs, created_at, updated_at, "
         "submitted_at"
     )
     with psycopg.connect(url) as conn, conn.cursor() as cursor:
@@ -96,7 +96,6 @@ def insert_processing_jobs(url: str, count: int) -> list[tuple[str, int]]:
                         f"https://modelslab.com/api/v6/video/fetch/{upstream_id}",
                         "[]",
                         "[]",
-                        1,
                         now,
                         now,
                         now,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import fanout, footprint, ingest, notify
+from bench import capacity, fanout, footprint, ingest, notify
 from bench.common import read_result
 
 YES, NO = "yes", "**no**"
@@ -107,6 +107,33 @@ def _footprint(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def _capacity(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for row in data["rows"]:
+        only = row["max_queued"] and not row["held_slots"]
+        target = "<= 1.15 x ideal, N submits, 0 429s" if only else "-"
+        if row["held_slots"]:
+            target = "<= one 429 per retry_after window"
+        met = "-"
+        name = f"Capacity: {data['config']['jobs']} jobs, {row['scenario']}"
+        if only:
+            met = _met(
+                row["ratio"] <= capacity.TARGET_RATIO
+                and row["submit_calls"] == row["jobs"]
+                and row["rate_limited"] == 0
+            )
+        elif row["held_slots"]:
+            windows = -(-row["makespan_s"] // data["config"]["retry_after_s"])
+            met = _met(row["rate_limited"] <= windows)
+        rows.append(
+            f"| {name} | makespan vs ideal; submits; 429s; queue wait p50/p99 | {target} | "
+            f"{row['makespan_s']:.1f} s vs {row['ideal_s']:.0f} s (x{row['ratio']:.2f}); "
+            f"{row['submit_calls']} submits; {row['rate_limited']} x 429; "
+            f"{row['queue_wait_p50_s']:.1f} / {row['queue_wait_p99_s']:.1f} s | {met} |"
+        )
+    return rows
+
+
 def summary() -> str:
     """The results table in Markdown, from whatever results exist."""
     lines = [
@@ -119,6 +146,7 @@ def summary() -> str:
         ("notify", _notify),
         ("fanout", _fanout),
         ("footprint", _footprint),
+        ("capacity", _capacity),
     ):
         data = read_result(name)
         if data is None:

@@ -128,6 +128,13 @@ class JobSchema(Schema):
     created_at = fields.String(metadata={"description": "RFC 3339"})
     updated_at = fields.String(metadata={"description": "RFC 3339"})
     completed_at = fields.String(allow_none=True, metadata={"description": "RFC 3339, once done"})
+    queue_position = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "1-based place among jobs waiting for a free ModelsLab slot; "
+            "null once submitted (or finished)"
+        },
+    )
     upstream = fields.Nested(UpstreamStateSchema)
     outputs = fields.List(fields.Nested(OutputSchema))
     error = fields.Nested(

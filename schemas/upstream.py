@@ -1,6 +1,6 @@
 """ModelsLab img2video request, response and callback shapes (DESIGN §1).
 
-The request schema enforces ModelsLab's documented limits. The response schema
+The parameter schema enforces ModelsLab's documented limits. The response schema
 is deliberately tolerant: ModelsLab sends ``id`` as int or str, ``output`` as a
 list or an (empty) string, ``message`` or ``messege``, ``error`` or ``failed``,
 and ``track_id`` at the top level or inside ``meta``.
@@ -9,15 +9,21 @@ and ``track_id`` at the top level or inside ``meta``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre_load, validate
 
 SUPPORTED_MODELS = ("wan2.2", "ltx-2.3")
 OUTPUT_TYPES = ("mp4", "gif")
-SUCCESS = "success"
-PROCESSING = "processing"
-FAILED = "failed"
+
+
+class UpstreamStatus(StrEnum):
+    """What ModelsLab says of a generation (``upstream.status`` of the job resource)."""
+
+    SUCCESS = "success"
+    PROCESSING = "processing"
+    FAILED = "failed"  # ModelsLab's "error" and "failed" alike
 
 
 class Img2VideoParams(Schema):
@@ -81,16 +87,6 @@ class Img2VideoParams(Schema):
             "example": False,
         }
     )
-
-
-class Img2VideoRequest(Img2VideoParams):
-    """The body motionhook POSTs to ``/video/img2video``."""
-
-    key = fields.String(required=True)
-    model_id = fields.String(required=True, validate=validate.OneOf(SUPPORTED_MODELS))
-    init_image = fields.Url(required=True, schemes={"http", "https"})
-    webhook = fields.Url(schemes={"http", "https"}, require_tld=False)
-    track_id = fields.String()
 
 
 class _Flexible(fields.Field[Any]):
@@ -166,7 +162,7 @@ class UpstreamResponse(Schema):
     def _build(self, data: dict[str, Any], **_kwargs: Any) -> UpstreamResult:
         status = data["status"]
         if status == "error":
-            status = FAILED
+            status = UpstreamStatus.FAILED
         return UpstreamResult(
             status=status,
             upstream_id=data.get("id"),

@@ -1,4 +1,5 @@
-"""The ``motionhook`` command: dev, worker, db upgrade, simulate, demo, prune, submit, listen."""
+"""The ``motionhook`` command: dev, worker, db upgrade, simulate, demo, prune, projects,
+tokens, submit, listen."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import click
 from service.config import ConfigError
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from service.extension import Services
+    from service.models import Project
 
 
 def load_services(overrides: dict[str, object] | None = None) -> Services:
@@ -240,10 +244,12 @@ def listen(forward_to: str | None, secret: str | None, event_type: str | None) -
 
 
 def _duration(_ctx: object, _param: object, value: str) -> object:
-    from service.prune import parse_duration
+    from datetime import timedelta
+
+    from service.config import parse_duration
 
     try:
-        return parse_duration(value)
+        return timedelta(seconds=parse_duration(value, unit_required=True, positive=True))
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 
@@ -290,6 +296,97 @@ def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> No
             f"{report.media_failures} jobs kept their media: storage refused the delete "
             "(see the log); run again later"
         )
+
+
+SCOPE_CHOICE = click.Choice(["read", "write", "admin"])
+
+
+@main.group()
+def projects() -> None:
+    """Projects: each sees only its own jobs, subscriptions and deliveries."""
+
+
+@projects.command("create")
+@click.argument("name")
+def projects_create(name: str) -> None:
+    """Create a project; prints its per-job webhook secret once."""
+    from service.projects import ProjectNameTaken, create_project
+
+    try:
+        with load_services().db.transaction() as session:
+            project = create_project(session, name)
+    except ProjectNameTaken:
+        raise click.ClickException(f"a project named {name!r} already exists") from None
+    click.echo(f"project {project.name}: id {project.id}")
+    click.echo(f"per-job webhook secret (shown once): {project.secret}")
+
+
+@projects.command("list")
+def projects_list() -> None:
+    """List projects: id, name, creation time."""
+    from service.projects import list_projects, project_resource
+
+    with load_services().db.transaction() as session:
+        for project in list_projects(session):
+            row = project_resource(project)
+            click.echo(f"{row['id']}\t{row['name']}\t{row['created_at']}")
+
+
+@main.group()
+def tokens() -> None:
+    """API tokens of a project, stored hashed: create (shown once), list, revoke."""
+
+
+def _project_named(session: Session, name: str) -> Project:
+    """The project called ``name``, or a usage error naming it."""
+    from service.projects import find_project
+
+    project = find_project(session, name)
+    if project is None:
+        raise click.BadParameter(f"no project named {name!r}", param_hint="--project")
+    return project
+
+
+@tokens.command("create")
+@click.option("--project", "project_name", required=True, help="Name of the project.")
+@click.option("--scope", required=True, type=SCOPE_CHOICE, help="read, write or admin.")
+@click.option("--description", default="", help="What the token is for.")
+def tokens_create(project_name: str, scope: str, description: str) -> None:
+    """Issue a token; it is printed once and stored only as a hash."""
+    from service.projects import create_token
+
+    with load_services().db.transaction() as session:
+        token, value = create_token(
+            session, _project_named(session, project_name), scope, description
+        )
+    click.echo(f"token {token.id} ({scope}) of project {project_name}, shown once:", err=True)
+    click.echo(value)
+
+
+@tokens.command("list")
+@click.option("--project", "project_name", required=True, help="Name of the project.")
+def tokens_list(project_name: str) -> None:
+    """List a project's tokens: id, scope, creation time, description (never the values)."""
+    from service.projects import list_tokens, token_resource
+
+    with load_services().db.transaction() as session:
+        for token in list_tokens(session, _project_named(session, project_name)):
+            row = token_resource(token)
+            click.echo(f"{row['id']}\t{row['scope']}\t{row['created_at']}\t{row['description']}")
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@click.option("--project", "project_name", required=True, help="Name of the project.")
+def tokens_revoke(token_id: str, project_name: str) -> None:
+    """Revoke a token; it stops working at once."""
+    from service.projects import revoke_token
+
+    with load_services().db.transaction() as session:
+        revoked = revoke_token(session, _project_named(session, project_name), token_id)
+    if not revoked:
+        raise click.ClickException(f"project {project_name} has no token {token_id}")
+    click.echo(f"revoked {token_id}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ CLI) reads. Nothing here imports Flask: the worker runs without it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MOTIONHOOK_"
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 PRODUCTION = "production"
 
@@ -24,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,
     "PUBLIC_URL": "http://127.0.0.1:8000",
     "API_TOKENS": None,
+    "ADMIN_TOKENS": None,
+    "MAX_SUBSCRIPTIONS_PER_PROJECT": 100,
     "CALLBACK_SECRET": None,
     "CALLBACK_SECRET_PREVIOUS": None,
     "WEBHOOK_SECRET": None,
@@ -38,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "DISABLE_AFTER": 5 * 24 * 3600,
     "CALLBACK_GRACE": 600,
     "JOB_TIMEOUT": 7200,
+    "QUEUE_TIMEOUT": 24 * 3600,
+    "MODELSLAB_MAX_QUEUED": 5,
     "MEDIA_URL_TTL": 7 * 24 * 3600,
     "UPSTREAM_TIMEOUT": 30,
     "MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
@@ -54,11 +62,12 @@ DEFAULTS: dict[str, Any] = {
     "RATELIMIT_STORAGE_URL": "memory://",
     "LOG_LEVEL": "INFO",
     "METRICS_TOKEN": None,
+    "METRICS_PUBLIC": None,
     "WORKER_METRICS_PORT": None,
     "WORKER_METRICS_HOST": "0.0.0.0",
     "STREAMS_MAX": 100,
     "STREAM_HEARTBEAT": 15,
-    # Unprefixed (DESIGN §4), read from the environment when not in the mapping.
+    # Unprefixed, as Sentry names them; read from the environment when not in the mapping.
     "SENTRY_DSN": None,
     "SENTRY_ENVIRONMENT": None,
     "SENTRY_TRACES_SAMPLE_RATE": None,
@@ -112,33 +121,63 @@ def _as_list(value: Any) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(value).split(",") if part.strip())
 
 
-def _as_seconds(name: str, value: Any) -> float:
-    """Accept a number of seconds, or a string with an s/m/h/d suffix."""
-    if isinstance(value, int | float):
-        return float(value)
+def parse_duration(value: Any, *, unit_required: bool = False, positive: bool = False) -> float:
+    """Seconds from a number or from text such as ``45``, ``45s``, ``90m``, ``12h``, ``2w``.
+
+    ``unit_required`` refuses a bare number (``--older-than 30`` would be ambiguous);
+    ``positive`` refuses zero. Negative and non-finite values are always refused.
+    """
     text = str(value).strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = DURATION.fullmatch(text) if not isinstance(value, bool) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif match is not None and (match.group(2) or not unit_required):
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    else:
+        example = "30d, 12h, 90m, 45s or 2w" if unit_required else "45, 90m, 12h or 30d"
+        raise ValueError(f"{text!r} is not a duration such as {example}")
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        raise ValueError(f"{text!r} must be {'longer than zero' if positive else 'zero or more'}")
+    return seconds
+
+
+def _as_count(name: str, value: Any) -> int:
+    """A whole number of zero or more, naming the variable when it is not."""
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        count = int(str(value).strip())
     except ValueError:
-        raise ConfigError(f"MOTIONHOOK_{name} must be a number of seconds, got {text!r}") from None
+        raise ConfigError(f"MOTIONHOOK_{name} must be a whole number, got {value!r}") from None
+    if count < 0:
+        raise ConfigError(f"MOTIONHOOK_{name} must be zero or more, got {count}")
+    return count
+
+
+def _as_seconds(name: str, value: Any) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"MOTIONHOOK_{name}: {exc}") from None
 
 
 def parse_retry_schedule(value: Any) -> tuple[float, ...]:
     """Parse ``5,300,1800`` into seconds, naming the bad item when one is not a number."""
-    items = _as_list(value) if not isinstance(value, int | float) else (str(value),)
+    if isinstance(value, list | tuple):
+        items = [str(item) for item in value]
+    else:
+        items = [str(value)] if isinstance(value, int | float) else str(value).split(",")
+    if [item.strip() for item in items] == [""]:
+        raise ConfigError("MOTIONHOOK_RETRY_SCHEDULE is empty")
     schedule = []
-    for item in items:
+    for position, item in enumerate(items, start=1):
         try:
             seconds = float(item)
         except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
             raise ConfigError(
-                f"MOTIONHOOK_RETRY_SCHEDULE item {item!r} is not a number of seconds"
-            ) from None
-        if seconds < 0:
-            raise ConfigError(f"MOTIONHOOK_RETRY_SCHEDULE item {item!r} is negative")
+                f"MOTIONHOOK_RETRY_SCHEDULE item {position} ({item.strip()!r}) is not a "
+                "non-negative number of seconds"
+            )
         schedule.append(seconds)
     return tuple(schedule)
 
@@ -178,6 +217,8 @@ class Settings:
     database_url: str
     public_url: str
     api_tokens: tuple[str, ...] = field(repr=False)
+    admin_tokens: tuple[str, ...] = field(repr=False)
+    max_subscriptions_per_project: int
     callback_secret: str = field(repr=False)
     callback_secret_previous: str | None = field(repr=False)
     webhook_secret: str = field(repr=False)
@@ -192,6 +233,8 @@ class Settings:
     disable_after: float
     callback_grace: float
     job_timeout: float
+    queue_timeout: float
+    modelslab_max_queued: int
     media_url_ttl: float
     upstream_timeout: float
     max_upload_bytes: int
@@ -207,8 +250,9 @@ class Settings:
     ratelimit: str
     ratelimit_storage_url: str
     log_level: str
-    generated_tokens: bool = field(default=False)
     metrics_token: str | None = field(default=None, repr=False)
+    # Production serves /metrics only with the token, or when explicitly opened.
+    metrics_public: bool = False
     worker_metrics_port: int | None = None
     worker_metrics_host: str = "0.0.0.0"
     streams_max: int = 100
@@ -234,9 +278,12 @@ class Settings:
         if production:
             missing = [
                 f"MOTIONHOOK_{name}"
-                for name in ("CALLBACK_SECRET", "API_TOKENS", "DATABASE_URL")
+                for name in ("CALLBACK_SECRET", "DATABASE_URL")
                 if not config.get(name)
             ]
+            if not config.get("API_TOKENS") and not config.get("ADMIN_TOKENS"):
+                # Tokens may all live in the database, but someone must be able to make them.
+                missing.insert(1, "MOTIONHOOK_API_TOKENS (or MOTIONHOOK_ADMIN_TOKENS)")
             if missing:
                 raise ConfigError("production refuses to start without " + ", ".join(missing))
             if str(config["DATABASE_URL"]).startswith("sqlite") and not _as_bool(
@@ -247,11 +294,9 @@ class Settings:
                     "or set MOTIONHOOK_ALLOW_SQLITE_IN_PRODUCTION=1"
                 )
         database_url = config.get("DATABASE_URL") or f"sqlite:///{instance_path / 'motionhook.db'}"
-        tokens = _as_list(config.get("API_TOKENS"))
-        generated = False
-        if not tokens:
-            tokens = (_instance_secret(instance_path, "api_token", "mh_"),)
-            generated = True
+        tokens = _as_list(config.get("API_TOKENS")) or (
+            _instance_secret(instance_path, "api_token", "mh_"),
+        )
         allow_private = config.get("ALLOW_PRIVATE_TARGETS")
         schedule = parse_retry_schedule(config.get("RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE))
         return cls(
@@ -260,7 +305,8 @@ class Settings:
             database_url=str(database_url),
             public_url=str(config["PUBLIC_URL"]).rstrip("/"),
             api_tokens=tokens,
-            generated_tokens=generated,
+            admin_tokens=_as_list(config.get("ADMIN_TOKENS")),
+            max_subscriptions_per_project=int(config["MAX_SUBSCRIPTIONS_PER_PROJECT"]),
             callback_secret=str(
                 config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
             ),
@@ -279,6 +325,8 @@ class Settings:
             disable_after=_as_seconds("DISABLE_AFTER", config["DISABLE_AFTER"]),
             callback_grace=_as_seconds("CALLBACK_GRACE", config["CALLBACK_GRACE"]),
             job_timeout=_as_seconds("JOB_TIMEOUT", config["JOB_TIMEOUT"]),
+            queue_timeout=_as_seconds("QUEUE_TIMEOUT", config["QUEUE_TIMEOUT"]),
+            modelslab_max_queued=_as_count("MODELSLAB_MAX_QUEUED", config["MODELSLAB_MAX_QUEUED"]),
             media_url_ttl=_as_seconds("MEDIA_URL_TTL", config["MEDIA_URL_TTL"]),
             upstream_timeout=_as_seconds("UPSTREAM_TIMEOUT", config["UPSTREAM_TIMEOUT"]),
             max_upload_bytes=int(config["MAX_UPLOAD_BYTES"]),
@@ -299,6 +347,11 @@ class Settings:
             ratelimit_storage_url=str(config["RATELIMIT_STORAGE_URL"]),
             log_level=str(config["LOG_LEVEL"]).upper(),
             metrics_token=config.get("METRICS_TOKEN") or None,
+            metrics_public=(
+                not production
+                if config.get("METRICS_PUBLIC") is None
+                else _as_bool(config["METRICS_PUBLIC"])
+            ),
             worker_metrics_port=(
                 int(config["WORKER_METRICS_PORT"]) if config.get("WORKER_METRICS_PORT") else None
             ),

@@ -8,18 +8,27 @@ worker hears about new work exactly when it becomes visible.
 
 from __future__ import annotations
 
+import logging
 import math
+import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+
+from service.retry import Backoff
+
+log = logging.getLogger("motionhook.db")
+T = TypeVar("T")
 
 WAKEUP_CHANNEL = "motionhook_work"
 CONNECT_TIMEOUT = 5
@@ -28,6 +37,69 @@ PING_AFTER_IDLE = 1.0
 CHECKED_IN = "motionhook.checked_in"
 NOTIFIED = "motionhook.notified"
 NOTIFY = text("SELECT pg_notify(:channel, '')")
+
+
+# What SQLite says when another connection holds the write lock past busy_timeout.
+SQLITE_BUSY = ("database is locked", "database is busy", "database table is locked")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means the database cannot be reached right now (wait it out).
+
+    PostgreSQL down, restarting, refusing or dropping connections, the pool
+    exhausted, or SQLite's write lock held too long: trying again later is the
+    answer. Errors of the statement itself (a constraint, a syntax error, a
+    missing table) are bugs and say False.
+    """
+    if isinstance(error, DisconnectionError | PoolTimeout):
+        return True
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig if error.orig is not None else error
+    if isinstance(error, sqlite3.OperationalError):
+        return any(text in str(error).lower() for text in SQLITE_BUSY)
+    return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+class Outage:
+    """Rides out database outages for one process: one WARNING each, capped backoff.
+
+    Every place that finds the database gone (the worker's loop, its LISTEN
+    thread, a task, settlement, a web request) reports it here: the first report
+    of an outage logs one WARNING, later ones only lengthen the wait (0.2 s
+    doubling to 5 s); the first success after it logs that the database is back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._backoff = Backoff()
+
+    @property
+    def ongoing(self) -> bool:
+        return self._backoff.failures > 0
+
+    def failed(self, error: BaseException) -> float:
+        """Record a failure; return how long to wait before trying again."""
+        with self._lock:
+            delay = self._backoff.next()
+            first = self._backoff.failures == 1
+        if first:
+            log.warning(
+                "database unavailable; retrying in %.1f s",
+                delay,
+                extra={"error": type(error).__name__},
+            )
+        return delay
+
+    def recovered(self) -> None:
+        """Record that the database answered."""
+        if not self._backoff.failures:
+            return  # the common case, without the lock
+        with self._lock:
+            ended = self._backoff.reset()
+        if ended:
+            log.info("database available again")
 
 
 def normalize_url(url: str) -> str:
@@ -47,6 +119,7 @@ class Database:
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.local_wakeup = threading.Event()
+        self.outage = Outage()
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +161,29 @@ class Database:
         sessions = self.sessions if durable or self.is_sqlite else self._relaxed_sessions()
         with sessions() as session, session.begin():
             yield session
+
+    def write_until(
+        self, deadline: float, work: Callable[[Session], T], *, durable: bool = True
+    ) -> T:
+        """Run ``work`` in a transaction, trying again through an outage until ``deadline``.
+
+        For what must not be lost once done outside the database (ModelsLab took a
+        job, a receiver got a message): the result is written as soon as the
+        database is back, while the lease still guards the work. Past ``deadline``
+        (a ``time.monotonic()``), or for any other error, the error is raised.
+        """
+        while True:
+            try:
+                with self.transaction(durable=durable) as session:
+                    result = work(session)
+            except Exception as exc:
+                remaining = deadline - time.monotonic()
+                if not database_unavailable(exc) or remaining <= 0:
+                    raise
+                time.sleep(min(self.outage.failed(exc), remaining))
+                continue
+            self.outage.recovered()
+            return result
 
     def notify(self, session: Session) -> None:
         """Wake workers once this transaction commits (once, however often it is asked)."""

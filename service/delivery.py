@@ -1,43 +1,58 @@
-"""Delivering one event to one target, by the policy of DESIGN §3.
+"""Delivering one event to one target, by the delivery policy.
 
 A delivery thread renders the message for the channel, sends it once over the
 worker's SSRF-guarded session, records the attempt, and then settles the
 delivery: delivered, retried later (schedule with jitter, ``Retry-After``
 honoured), failed, or failed permanently (which disables the subscription).
+
+What an attempt does to the rows is decided in two pure functions, one for the
+delivery (:func:`settled_columns`) and one for its subscription
+(:func:`subscription_changes`); :class:`Deliverer` only batches the writes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
-import sys
 import threading
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import requests
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, Update, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service.extension import Services
 from service.metrics import record_delivery, record_subscription_disabled
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, utcnow
+from service.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Event,
+    Project,
+    Subscription,
+    utcnow,
+)
 from service.notifiers import render_message
-from service.notifiers.policy import AttemptResult, next_attempt_delay, send
+from service.notifiers.policy import AttemptResult, send
 from service.notifiers.webhook import serialize
 from service.queue import ClaimedDelivery, claim_deliveries
+from service.retry import Schedule
 
 log = logging.getLogger("motionhook.delivery")
 
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+# Slack accepts about one message a second per incoming webhook: a claim reserves it.
 SLACK_PACE = 1.0
+# Settling stops retrying through a database outage this long before the lease ends.
+LEASE_MARGIN = 2.0
 
 
-def active_secrets(sub: Subscription | _Target, now: datetime) -> list[str]:
-    """The subscription's secret, plus the previous one while its 24 h overlap lasts."""
+def active_secrets(sub: Subscription | _Target | Project, now: datetime) -> list[str]:
+    """The row's secret, plus the previous one while its 24 h overlap lasts."""
     secrets = [sub.secret] if sub.secret else []
     expires = sub.previous_secret_expires_at
     if sub.previous_secret and expires is not None and expires > now:
@@ -45,21 +60,17 @@ def active_secrets(sub: Subscription | _Target, now: datetime) -> list[str]:
     return secrets
 
 
-def disable_subscription(sub: Subscription, reason: str, now: datetime) -> None:
-    record_subscription_disabled(sub.kind)
-    sub.enabled = False
-    sub.disabled_reason = reason[:500]
-    sub.updated_at = now
-
-
 @dataclass(frozen=True)
 class Prepared:
-    """What a delivery thread needs to send one delivery, read when it was claimed."""
+    """A claimed delivery with everything a delivery thread needs to send it."""
 
+    delivery_id: str
     kind: str
     url: str
     envelope: dict[str, Any]
     secrets: list[str]
+    # time.monotonic() at which our lease on the delivery runs out.
+    leased_until: float
     # The webhook body, serialized once per event for all its subscriptions.
     serialized: str | None = None
 
@@ -68,35 +79,16 @@ class Prepared:
 class _Settlement:
     """One attempt waiting to be written (by the next batch, see ``Deliverer._settle``)."""
 
-    delivery_id: str
+    prepared: Prepared
     result: AttemptResult
     error: BaseException | None = None
     # (subscription id, job id) once settled; None when the delivery was deleted meanwhile.
     found: tuple[str | None, str | None] | None = None
 
 
-def _lock_subscriptions(session: Session, ids: Iterable[str]) -> dict[str, Subscription]:
-    """Load and lock subscriptions in id order (no deadlocks between workers).
-
-    ``FOR NO KEY UPDATE`` on PostgreSQL: it still serializes pacing and failure
-    bookkeeping, but does not block ``web`` inserting deliveries that reference the
-    row (a foreign key check takes ``KEY SHARE``).
-    """
-    wanted = sorted(ids)
-    if not wanted:
-        return {}
-    query = (
-        select(Subscription)
-        .where(Subscription.id.in_(wanted))
-        .order_by(Subscription.id)
-        .with_for_update(key_share=True)
-    )
-    return {sub.id: sub for sub in session.scalars(query)}
-
-
 @dataclass(frozen=True)
 class _Target:
-    """The columns of a subscription that preparing a delivery reads."""
+    """The columns of a subscription that preparing and settling deliveries read."""
 
     id: str
     kind: str
@@ -104,6 +96,7 @@ class _Target:
     enabled: bool
     disabled_reason: str | None
     next_send_at: datetime | None
+    failing_since: datetime | None
     secret: str | None
     previous_secret: str | None
     previous_secret_expires_at: datetime | None
@@ -114,34 +107,29 @@ DELIVERIES = cast(Table, Delivery.__table__)
 EVENTS = cast(Table, Event.__table__)
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 ATTEMPTS = cast(Table, DeliveryAttempt.__table__)
-EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload).where(
+EVENT_PAYLOADS = select(EVENTS.c.id, EVENTS.c.payload, EVENTS.c.project_id).where(
     EVENTS.c.id.in_(bindparam("ids", expanding=True))
 )
+# The one way subscriptions are locked, in id order (no deadlocks between workers).
+# FOR NO KEY UPDATE on PostgreSQL: it serializes pacing and failure bookkeeping but does
+# not block web inserting deliveries that reference the row (a foreign key check takes
+# KEY SHARE).
 LOCK_TARGETS = (
     select(*(SUBSCRIPTIONS.c[name] for name in _Target.__dataclass_fields__))
     .where(SUBSCRIPTIONS.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(SUBSCRIPTIONS.c.id)
     .with_for_update(key_share=True)
 )
-PACE = (
-    update(SUBSCRIPTIONS)
-    .where(SUBSCRIPTIONS.c.id == bindparam("sub_id"))
-    .values(next_send_at=bindparam("pace_until"))
-)
-SETTLE_DELIVERED = (
+COUNT_ATTEMPT = (
     update(DELIVERIES)
     .where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        status=DELIVERED,
-        delivered_at=bindparam("settled_at"),
-        due_at=None,
-        lease_owner=None,
-        last_error=None,
-        attempt_count=DELIVERIES.c.attempt_count + 1,
-        last_status_code=bindparam("code"),
-        updated_at=bindparam("settled_at"),
+    .values(attempt_count=DELIVERIES.c.attempt_count + 1)
+    .returning(
+        DELIVERIES.c.id,
+        DELIVERIES.c.attempt_count,
+        DELIVERIES.c.subscription_id,
+        DELIVERIES.c.job_id,
     )
-    .returning(DELIVERIES.c.id, DELIVERIES.c.subscription_id, DELIVERIES.c.job_id)
 )
 INSERT_ATTEMPTS = insert(ATTEMPTS)
 CLEAR_FAILING = (
@@ -157,7 +145,7 @@ CLEAR_FAILING = (
 def _failed(reason: str, now: datetime) -> dict[str, Any]:
     """The columns of a delivery that failed for good."""
     return {
-        "status": FAILED,
+        "status": DeliveryStatus.FAILED,
         "last_error": reason[:1000],
         "lease_owner": None,
         "due_at": None,
@@ -165,22 +153,89 @@ def _failed(reason: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def _set_aside(session: Session, delivery_id: str, **values: Any) -> None:
-    session.connection().execute(
-        update(DELIVERIES).where(DELIVERIES.c.id == delivery_id).values(**values)
+def settled_columns(
+    result: AttemptResult,
+    *,
+    attempts: int,
+    now: datetime,
+    schedule: Schedule,
+    rng: random.Random,
+) -> dict[str, Any]:
+    """The delivery's columns after its ``attempts``-th attempt ended as ``result``."""
+    outcome = result.outcome
+    columns: dict[str, Any] = {"last_status_code": result.status}
+    if outcome.result == "delivered":
+        return columns | {
+            "status": DeliveryStatus.DELIVERED,
+            "delivered_at": now,
+            "due_at": None,
+            "lease_owner": None,
+            "last_error": None,
+            "updated_at": now,
+        }
+    if outcome.result == "retry":
+        delay = schedule.delay(attempts, retry_after=outcome.retry_after, rng=rng)
+        if delay is not None:
+            return columns | {
+                "due_at": now + timedelta(seconds=delay),
+                "lease_owner": None,
+                "last_error": outcome.reason[:1000],
+                "updated_at": now,
+            }
+        return columns | _failed(f"gave up after {attempts} attempts: {outcome.reason}", now)
+    return columns | _failed(outcome.reason, now)
+
+
+def subscription_changes(
+    sub: _Target, result: AttemptResult, *, now: datetime, disable_after: float
+) -> dict[str, Any]:
+    """The subscription's columns that change after one of its deliveries ended as ``result``.
+
+    Pacing the receiver asked for (Discord's rate-limit headers), the failure
+    clock (``failing_since``), and disabling: at once on a permanent failure, or
+    after ``disable_after`` seconds of failures without a success.
+    """
+    changes: dict[str, Any] = {}
+    if result.pacing > 0:
+        paced = now + timedelta(seconds=result.pacing)
+        if sub.next_send_at is None or sub.next_send_at < paced:
+            changes["next_send_at"] = paced
+    outcome = result.outcome
+    if outcome.result == "delivered":
+        if sub.failing_since is not None:
+            changes["failing_since"] = None
+        return changes
+    if outcome.result == "permanent":
+        reason = outcome.reason
+    elif sub.failing_since is None:
+        return changes | {"failing_since": now}
+    elif (now - sub.failing_since).total_seconds() >= disable_after:
+        reason = f"failing without a success since {sub.failing_since.isoformat()}"
+    else:
+        return changes
+    return changes | {"enabled": False, "disabled_reason": reason[:500], "updated_at": now}
+
+
+@functools.lru_cache(maxsize=16)
+def _settle_statement(names: tuple[str, ...]) -> Update:
+    """``UPDATE deliveries SET <names> WHERE id IN :ids``, built once per shape of outcome."""
+    return (
+        update(DELIVERIES)
+        .where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
+        .values({name: bindparam(f"new_{name}", type_=DELIVERIES.c[name].type) for name in names})
     )
 
 
 def _plain_success(result: AttemptResult) -> bool:
-    return result.outcome.result == DELIVERED and result.pacing <= 0
+    """A success that changes nothing on its subscription but, maybe, ``failing_since``."""
+    return result.outcome.result == "delivered" and result.pacing <= 0
 
 
-def _attempt_log(
-    item: _Settlement, subscription_id: str | None, job_id: str | None
-) -> dict[str, Any]:
+def _attempt_log(item: _Settlement) -> dict[str, Any]:
     result = item.result
+    subscription_id, job_id = item.found or (None, None)
     return {
-        "delivery_id": item.delivery_id,
+        "delivery_id": item.prepared.delivery_id,
         "outcome": result.outcome.result,
         "http_status": result.status,
         "latency_ms": round(result.latency_ms, 1),
@@ -197,7 +252,9 @@ class Deliverer:
     subscriptions, pacing), and attempts are settled by group commit: a thread that
     finishes while another is writing queues its result, and the next writer takes
     every queued result in one transaction. ``deliver`` still returns only once its
-    own attempt is committed, so a delivery is either settled or still leased.
+    own attempt is committed, so a delivery is either settled or still leased; a
+    database outage meanwhile is waited out while the lease lasts, so a message
+    that was sent is not sent again.
     """
 
     def __init__(self, services: Services, session: requests.Session, owner: str) -> None:
@@ -207,22 +264,21 @@ class Deliverer:
         self.http = session
         self.owner = owner
         self.rng = random.Random()
-        self._claimed: dict[str, Prepared] = {}
-        self._claimed_lock = threading.Lock()
+        self.schedule = Schedule(self.settings.retry_schedule)
         self._settling = threading.Lock()
         self._queue_committed = threading.Event()
         self._queue: list[_Settlement] = []
         self._writing = False
 
-    def claim(self, limit: int) -> list[str]:
-        """Lease up to ``limit`` due deliveries and prepare them; return the sendable ids.
+    def claim(self, limit: int) -> list[Prepared]:
+        """Lease up to ``limit`` due deliveries and prepare the sendable ones.
 
         Deliveries whose subscription is gone or disabled fail here, and paced ones
         (Slack 1/s, Discord's rate limit) are put back until their slot, as one send
         would; neither is returned.
         """
         now = utcnow()
-        ready: dict[str, Prepared] = {}
+        leased_until = time.monotonic() + self.settings.delivery_lease
         with self.db.transaction(durable=False) as session:
             claimed = claim_deliveries(
                 session,
@@ -234,21 +290,10 @@ class Deliverer:
             )
             if not claimed:
                 return []
-            for delivery_id, prepared in self._prepare_batch(session, claimed, now).items():
-                if prepared is not None:
-                    ready[delivery_id] = prepared
-        with self._claimed_lock:
-            self._claimed.update(ready)
-        return list(ready)
+            return self._prepare_batch(session, claimed, now, leased_until)
 
-    def deliver(self, delivery_id: str) -> None:
+    def deliver(self, prepared: Prepared) -> None:
         """Make one attempt at a claimed delivery and settle it."""
-        with self._claimed_lock:
-            prepared = self._claimed.pop(delivery_id, None)
-        if prepared is None:
-            prepared = self._prepare(delivery_id)
-        if prepared is None:
-            return
         message = render_message(
             prepared.kind,
             prepared.envelope,
@@ -264,104 +309,93 @@ class Deliverer:
             now=lambda: datetime.now(UTC),
         )
         record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
-        self._settle(delivery_id, result)
-
-    def _prepare(self, delivery_id: str) -> Prepared | None:
-        """Prepare one delivery leased to us outside :meth:`claim`."""
-        now = utcnow()
-        with self.db.transaction() as session:
-            row = session.execute(
-                select(
-                    Delivery.id,
-                    Delivery.event_id,
-                    Delivery.subscription_id,
-                    Delivery.kind,
-                    Delivery.target_url,
-                ).where(
-                    Delivery.id == delivery_id,
-                    Delivery.status == PENDING,
-                    Delivery.lease_owner == self.owner,
-                )
-            ).first()
-            if row is None:
-                return None
-            return self._prepare_batch(session, [ClaimedDelivery(*row)], now)[delivery_id]
+        self._settle(prepared, result)
 
     def _prepare_batch(
-        self, session: Session, claimed: list[ClaimedDelivery], now: datetime
-    ) -> dict[str, Prepared | None]:
+        self,
+        session: Session,
+        claimed: list[ClaimedDelivery],
+        now: datetime,
+        leased_until: float,
+    ) -> list[Prepared]:
         """Decide for each claimed delivery: send it (Prepared), fail it, or wait for pacing."""
         connection = session.connection()
-        payloads: dict[str, dict[str, Any]] = {
-            row[0]: row[1]
-            for row in connection.execute(
-                EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        payloads: dict[str, dict[str, Any]] = {}
+        event_projects: dict[str, str] = {}
+        for event_id, payload, project_id in connection.execute(
+            EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        ):
+            payloads[event_id] = payload
+            event_projects[event_id] = project_id
+        # Per-job webhooks are signed with their project's secret (``default``: the setting).
+        projects = sorted({event_projects[i.event_id] for i in claimed if not i.subscription_id})
+        signers = {
+            project.id: active_secrets(project, now) or [self.settings.webhook_secret]
+            for project in (
+                session.scalars(select(Project).where(Project.id.in_(projects))) if projects else ()
             )
         }
-        wanted = sorted({item.subscription_id for item in claimed if item.subscription_id})
-        targets = (
-            {row.id: _Target(*row) for row in connection.execute(LOCK_TARGETS, {"ids": wanted})}
-            if wanted
-            else {}
+        targets = self._lock_targets(
+            session, {item.subscription_id for item in claimed if item.subscription_id}
         )
         bodies: dict[str, str] = {}
 
-        def body(event_id: str, kind: str) -> str | None:
-            if kind != "webhook":
-                return None
-            if event_id not in bodies:
-                bodies[event_id] = serialize(payloads[event_id])
-            return bodies[event_id]
+        def prepared(item: ClaimedDelivery, kind: str, url: str, secrets: list[str]) -> Prepared:
+            body = None
+            if kind == "webhook":
+                if item.event_id not in bodies:
+                    bodies[item.event_id] = serialize(payloads[item.event_id])
+                body = bodies[item.event_id]
+            envelope = payloads[item.event_id]
+            return Prepared(item.id, kind, url, envelope, secrets, leased_until, body)
 
-        decided: dict[str, Prepared | None] = {}
+        ready: list[Prepared] = []
         for item in claimed:
-            payload = payloads[item.event_id]
             if item.subscription_id is None:
-                decided[item.id] = Prepared(
-                    item.kind,
-                    item.target_url or "",
-                    payload,
-                    [self.settings.webhook_secret],
-                    body(item.event_id, item.kind),
-                )
+                signer = signers.get(event_projects[item.event_id])
+                if signer is None:
+                    self._update(session, DELIVERIES, item.id, _failed("project not found", now))
+                else:
+                    ready.append(prepared(item, item.kind, item.target_url or "", signer))
                 continue
             sub = targets.get(item.subscription_id)
-            decided[item.id] = None
             if sub is None or not sub.enabled:
                 reason = (
                     "subscription deleted"
                     if sub is None
-                    else (f"subscription disabled: {sub.disabled_reason or 'by request'}")
+                    else f"subscription disabled: {sub.disabled_reason or 'by request'}"
                 )
-                _set_aside(session, item.id, **_failed(reason, now))
+                self._update(session, DELIVERIES, item.id, _failed(reason, now))
             elif sub.next_send_at is not None and sub.next_send_at > now:
                 # Paced (Slack 1/s, Discord's rate limit): wait for the slot, no attempt.
-                _set_aside(session, item.id, due_at=sub.next_send_at, lease_owner=None)
+                values = {"due_at": sub.next_send_at, "lease_owner": None}
+                self._update(session, DELIVERIES, item.id, values)
             else:
                 if sub.kind == "slack":
                     paced = now + timedelta(seconds=SLACK_PACE)
-                    connection.execute(PACE, {"sub_id": sub.id, "pace_until": paced})
+                    self._update(session, SUBSCRIPTIONS, sub.id, {"next_send_at": paced})
                     targets[sub.id] = replace(sub, next_send_at=paced)
-                decided[item.id] = Prepared(
-                    sub.kind,
-                    sub.url,
-                    payload,
-                    active_secrets(sub, now),
-                    body(item.event_id, sub.kind),
-                )
-        return decided
+                ready.append(prepared(item, sub.kind, sub.url, active_secrets(sub, now)))
+        return ready
 
-    def _fail(self, delivery: Delivery, reason: str, now: datetime) -> None:
-        for name, value in _failed(reason, now).items():
-            setattr(delivery, name, value)
+    @staticmethod
+    def _lock_targets(session: Session, ids: set[str]) -> dict[str, _Target]:
+        if not ids:
+            return {}
+        rows = session.connection().execute(LOCK_TARGETS, {"ids": sorted(ids)})
+        return {row.id: _Target(*row) for row in rows}
 
-    def _settle(self, delivery_id: str, result: AttemptResult) -> None:
+    @staticmethod
+    def _update(session: Session, table: Table, row_id: str, values: dict[str, Any]) -> None:
+        session.connection().execute(update(table).where(table.c.id == row_id).values(**values))
+
+    def _settle(self, prepared: Prepared, result: AttemptResult) -> None:
         """Record the attempt and its outcome; return once that is committed (group commit).
 
         The first thread to find no writer becomes it and writes batches until the
         queue is empty; the others wait only for their own attempt to be committed.
         """
-        mine = _Settlement(delivery_id, result)
+        mine = _Settlement(prepared, result)
         with self._settling:
             self._queue.append(mine)
             committed = self._queue_committed  # set once the batch holding ``mine`` is
@@ -390,158 +424,103 @@ class Deliverer:
             # and a line per success costs the worker a fifth of its CPU at full speed.
             level = logging.DEBUG if _plain_success(mine.result) else logging.INFO
             if log.isEnabledFor(level):
-                log.log(level, "delivery attempt", extra=_attempt_log(mine, *mine.found))
+                log.log(level, "delivery attempt", extra=_attempt_log(mine))
 
     def _write(self, batch: list[_Settlement]) -> None:
-        """Settle a batch in one transaction, or each on its own if the batch fails."""
+        """Settle a batch in one transaction, or each on its own if the batch fails.
+
+        A database outage is waited out until the earliest lease of the batch is
+        about to run out (then the deliveries come back through their leases).
+        """
+        deadline = min(item.prepared.leased_until for item in batch) - LEASE_MARGIN
         try:
-            self._settle_batch(batch)
-        except SQLAlchemyError:
-            if len(batch) == 1:
-                batch[0].error = sys.exc_info()[1]
+            self.db.write_until(
+                deadline, lambda session: self._settle_batch(session, batch), durable=False
+            )
+        except SQLAlchemyError as exc:
+            if len(batch) == 1 or self.db.outage.ongoing:
+                for item in batch:
+                    item.error = exc
                 return
             log.warning("settling %d deliveries together failed; one by one", len(batch))
             for item in batch:
                 try:
-                    self._settle_batch([item])
-                except SQLAlchemyError as exc:
-                    item.error = exc
+                    with self.db.transaction(durable=False) as session:
+                        self._settle_batch(session, [item])
+                except SQLAlchemyError as single:
+                    item.error = single
 
-    def _settle_batch(self, batch: list[_Settlement]) -> None:
+    def _settle_batch(self, session: Session, batch: list[_Settlement]) -> None:
+        """Count, record and apply every attempt of ``batch`` (in the caller's transaction)."""
         now = utcnow()
-        plain = [item for item in batch if _plain_success(item.result)]
-        others = [item for item in batch if not _plain_success(item.result)]
-        # Not durable: losing this in a database crash only means sending again.
-        with self.db.transaction(durable=False) as session:
-            if plain:
-                self._settle_delivered(session, plain, now)
-            if others:
-                self._settle_others(session, others, now)
-
-    def _settle_delivered(self, session: Session, batch: list[_Settlement], now: datetime) -> None:
-        """Settle plain successes (the common case) in three statements, however many."""
         connection = session.connection()
-        found: dict[str, tuple[str | None, str | None]] = {}
-        by_status: dict[int | None, list[str]] = {}
-        for item in batch:
-            by_status.setdefault(item.result.status, []).append(item.delivery_id)
-        for status, ids in by_status.items():
-            rows = connection.execute(
-                SETTLE_DELIVERED, {"ids": sorted(ids), "settled_at": now, "code": status}
-            )
-            found.update({row[0]: (row[1], row[2]) for row in rows})
-        settled = [item for item in batch if item.delivery_id in found]
-        if not settled:
-            return
-        connection.execute(
-            INSERT_ATTEMPTS,
-            [
-                {
-                    "delivery_id": item.delivery_id,
-                    "attempted_at": now,
-                    "status_code": item.result.status,
-                    "latency_ms": round(item.result.latency_ms, 2),
-                    "error": item.result.error,
-                    "response_excerpt": item.result.response_excerpt,
-                    "outcome": DELIVERED,
-                }
-                for item in settled
-            ],
-        )
-        succeeded = sorted({sub for sub, _job in found.values() if sub})
-        if succeeded:
-            connection.execute(CLEAR_FAILING, {"ids": succeeded})
-        for item in settled:
-            item.found = found[item.delivery_id]
-
-    def _settle_others(self, session: Session, batch: list[_Settlement], now: datetime) -> None:
-        """Settle retries, failures and paced successes: they need the rows themselves."""
-        deliveries = {
-            delivery.id: delivery
-            for delivery in session.scalars(
-                select(Delivery)
-                .where(Delivery.id.in_(sorted({item.delivery_id for item in batch})))
-                .order_by(Delivery.id)
-                .with_for_update()
+        counted = {
+            row.id: row
+            for row in connection.execute(
+                COUNT_ATTEMPT, {"ids": sorted({item.prepared.delivery_id for item in batch})}
             )
         }
-        subs = _lock_subscriptions(
-            session, {d.subscription_id for d in deliveries.values() if d.subscription_id}
-        )
-        for item in batch:
-            delivery = deliveries.get(item.delivery_id)
-            if delivery is None:
-                continue
-            result = item.result
-            session.add(
-                DeliveryAttempt(
-                    delivery_id=delivery.id,
-                    attempted_at=now,
-                    status_code=result.status,
-                    latency_ms=round(result.latency_ms, 2),
-                    error=result.error,
-                    response_excerpt=result.response_excerpt,
-                    outcome=result.outcome.result,
-                )
-            )
-            delivery.attempt_count += 1
-            delivery.last_status_code = result.status
-            delivery.updated_at = now
-            sub = subs.get(delivery.subscription_id) if delivery.subscription_id else None
-            self._apply_outcome(session, delivery, sub, result, now)
-            item.found = (delivery.subscription_id, delivery.job_id)
-
-    def _apply_outcome(
-        self,
-        session: Session,
-        delivery: Delivery,
-        sub: Subscription | None,
-        result: AttemptResult,
-        now: datetime,
-    ) -> None:
-        outcome = result.outcome
-        if sub is not None and result.pacing > 0:
-            paced = now + timedelta(seconds=result.pacing)
-            if sub.next_send_at is None or sub.next_send_at < paced:
-                sub.next_send_at = paced
-        if outcome.result == "delivered":
-            delivery.status = DELIVERED
-            delivery.delivered_at = now
-            delivery.due_at = None
-            delivery.lease_owner = None
-            delivery.last_error = None
-            if sub is not None:
-                sub.failing_since = None
-            return
-        if outcome.result == "retry":
-            delay = next_attempt_delay(
-                self.settings.retry_schedule,
-                delivery.attempt_count,
-                retry_after=outcome.retry_after,
+        settled = [item for item in batch if item.prepared.delivery_id in counted]
+        # Deliveries that end with the same columns are written by one statement:
+        # a batch of plain successes is one UPDATE, whatever its size.
+        groups: dict[tuple[tuple[str, Any], ...], list[str]] = {}
+        for item in settled:
+            row = counted[item.prepared.delivery_id]
+            columns = settled_columns(
+                item.result,
+                attempts=row.attempt_count,
+                now=now,
+                schedule=self.schedule,
                 rng=self.rng,
             )
-            if delay is None:
-                self._fail(
-                    delivery,
-                    f"gave up after {delivery.attempt_count} attempts: {outcome.reason}",
-                    now,
-                )
-            else:
-                delivery.due_at = now + timedelta(seconds=delay)
-                delivery.lease_owner = None
-                delivery.last_error = outcome.reason[:1000]
-        else:
-            self._fail(delivery, outcome.reason, now)
-        if sub is None:
-            return
-        if outcome.result == "permanent":
-            disable_subscription(sub, outcome.reason, now)
-            return
-        if sub.failing_since is None:
-            sub.failing_since = now
-        elif (now - sub.failing_since).total_seconds() >= self.settings.disable_after:
-            disable_subscription(
-                sub,
-                f"failing without a success since {sub.failing_since.isoformat()}",
-                now,
+            groups.setdefault(tuple(sorted(columns.items())), []).append(row.id)
+            item.found = (row.subscription_id, row.job_id)
+        for shape, ids in groups.items():
+            statement = _settle_statement(tuple(name for name, _value in shape))
+            connection.execute(
+                statement, {"ids": ids, **{f"new_{name}": value for name, value in shape}}
             )
+        if settled:
+            connection.execute(
+                INSERT_ATTEMPTS,
+                [
+                    {
+                        "delivery_id": item.prepared.delivery_id,
+                        "attempted_at": now,
+                        "status_code": item.result.status,
+                        "latency_ms": round(item.result.latency_ms, 2),
+                        "error": item.result.error,
+                        "response_excerpt": item.result.response_excerpt,
+                        "outcome": item.result.outcome.result,
+                    }
+                    for item in settled
+                ],
+            )
+        self._settle_subscriptions(session, settled, now)
+
+    def _settle_subscriptions(
+        self, session: Session, settled: list[_Settlement], now: datetime
+    ) -> None:
+        """Apply :func:`subscription_changes` of every attempt to its subscription."""
+        by_sub: dict[str, list[AttemptResult]] = {}
+        for item in settled:
+            subscription_id = item.found[0] if item.found else None
+            if subscription_id:
+                by_sub.setdefault(subscription_id, []).append(item.result)
+        # Subscriptions that saw only plain successes just stop failing: one statement.
+        plain = sorted(sub for sub, results in by_sub.items() if all(map(_plain_success, results)))
+        if plain:
+            session.connection().execute(CLEAR_FAILING, {"ids": plain})
+        targets = self._lock_targets(session, set(by_sub) - set(plain))
+        for sub_id, target in targets.items():
+            changes: dict[str, Any] = {}
+            for result in by_sub[sub_id]:
+                step = subscription_changes(
+                    target, result, now=now, disable_after=self.settings.disable_after
+                )
+                if step.get("enabled") is False and target.enabled:
+                    record_subscription_disabled(target.kind)
+                target = replace(target, **{k: v for k, v in step.items() if k != "updated_at"})
+                changes.update(step)
+            if changes:
+                self._update(session, SUBSCRIPTIONS, sub_id, changes)

@@ -1,7 +1,7 @@
 """The event log in a fixed order, for the events API and the live streams.
 
 Every event has a position ``(txid, seq)`` that the database fills in (migration
-0002): ``seq`` counts inserts and, on PostgreSQL, ``txid`` is the inserting
+0005): ``seq`` counts inserts and, on PostgreSQL, ``txid`` is the inserting
 transaction. A reader must never be handed an event and later see another one
 appear *before* it, or a cursor past the first would skip the second.
 
@@ -43,6 +43,7 @@ class LoggedEvent:
 
     position: Position
     id: str
+    project_id: str
     type: str
     job_id: str | None
     envelope: dict[str, Any]
@@ -64,18 +65,33 @@ class Page:
 def _columns(session: Session) -> Select[Any]:
     final = (Event.txid < HORIZON) if _postgresql(session) else literal_column("1")
     return select(
-        Event.txid, Event.seq, Event.id, Event.type, Event.job_id, Event.payload, final
+        Event.txid,
+        Event.seq,
+        Event.id,
+        Event.project_id,
+        Event.type,
+        Event.job_id,
+        Event.payload,
+        final,
     ).order_by(Event.txid, Event.seq)
+
+
+def as_position(txid: int, seq: int | None) -> Position:
+    """A row's position (``seq`` is only ever NULL inside SQLite's insert trigger)."""
+    assert seq is not None, "events.seq is filled in on insert"
+    return (int(txid), int(seq))
 
 
 def _postgresql(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def position_of(session: Session, event_id: str) -> Position | None:
-    """The position of one event, or None if there is no such event."""
-    row = session.execute(select(Event.txid, Event.seq).where(Event.id == event_id)).first()
-    return (int(row[0]), int(row[1])) if row else None
+def position_of(session: Session, project_id: str, event_id: str) -> Position | None:
+    """The position of one of the project's events, or None if it has no such event."""
+    row = session.execute(
+        select(Event.txid, Event.seq).where(Event.id == event_id, Event.project_id == project_id)
+    ).first()
+    return as_position(*row) if row else None
 
 
 def latest_position(session: Session) -> Position:
@@ -84,7 +100,7 @@ def latest_position(session: Session) -> Position:
     if _postgresql(session):
         query = query.where(Event.txid < HORIZON)
     row = session.execute(query).first()
-    return (int(row[0]), int(row[1])) if row else START
+    return as_position(*row) if row else START
 
 
 def read_after(
@@ -92,11 +108,12 @@ def read_after(
     after: Position,
     *,
     limit: int,
+    project_id: str | None = None,
     event_type: str | None = None,
     job_id: str | None = None,
     settle: float = 0.0,
 ) -> Page:
-    """Final events after ``after`` (optionally of one type or job), oldest first.
+    """Final events after ``after`` (of one project, type or job), oldest first.
 
     With ``settle``, wait up to that many seconds for held-back events to become
     final (each statement sees a fresh snapshot), so a reader sees what was just
@@ -104,7 +121,9 @@ def read_after(
     """
     deadline = time.monotonic() + settle
     while True:
-        page = _read(session, after, limit=limit, event_type=event_type, job_id=job_id)
+        page = _read(
+            session, after, limit=limit, project_id=project_id, event_type=event_type, job_id=job_id
+        )
         if not page.held_back or page.more or time.monotonic() >= deadline:
             return page
         time.sleep(SETTLE_STEP)
@@ -115,22 +134,26 @@ def _read(
     after: Position,
     *,
     limit: int,
+    project_id: str | None,
     event_type: str | None,
     job_id: str | None,
 ) -> Page:
     query = _columns(session).where(tuple_(Event.txid, Event.seq) > tuple_(*after))
+    if project_id is not None:
+        query = query.where(Event.project_id == project_id)
     if event_type is not None:
         query = query.where(Event.type == event_type)
     if job_id is not None:
         query = query.where(Event.job_id == job_id)
     events: list[LoggedEvent] = []
     held_back = False
-    for txid, seq, event_id, kind, event_job, payload, final in session.execute(
+    for txid, seq, event_id, project, kind, event_job, payload, final in session.execute(
         query.limit(limit + 1)
     ):
         if not final:
             held_back = True  # final rows all come before the first one that is not
             break
-        events.append(LoggedEvent((int(txid), int(seq)), event_id, kind, event_job, payload))
+        position = as_position(txid, seq)
+        events.append(LoggedEvent(position, event_id, project, kind, event_job, payload))
     more = len(events) > limit
     return Page(events[:limit], more=more, held_back=held_back)

@@ -20,12 +20,14 @@ if TYPE_CHECKING:
 WEBHOOK = "webhook"
 
 
-def envelope(event: Event) -> dict[str, Any]:
-    """Return the public event envelope (DESIGN §3 Events)."""
-    return event.payload
-
-
-def new_event(session: Session, event_type: str, data: dict[str, Any], job_id: str | None) -> Event:
+def new_event(
+    session: Session,
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    job_id: str | None,
+    project_id: str,
+) -> Event:
     now = utcnow()
     event_id = new_id("evt")
     payload = {
@@ -34,7 +36,14 @@ def new_event(session: Session, event_type: str, data: dict[str, Any], job_id: s
         "created_at": now.isoformat().replace("+00:00", "Z"),
         "data": data,
     }
-    event = Event(id=event_id, type=event_type, job_id=job_id, created_at=now, payload=payload)
+    event = Event(
+        id=event_id,
+        project_id=project_id,
+        type=event_type,
+        job_id=job_id,
+        created_at=now,
+        payload=payload,
+    )
     session.add(event)
     return event
 
@@ -51,6 +60,7 @@ def add_delivery(
     now = utcnow()
     delivery = Delivery(
         id=new_id("dlv"),
+        project_id=event.project_id,
         event=event,
         subscription_id=subscription_id,
         job_id=job_id,
@@ -66,18 +76,24 @@ def add_delivery(
     return delivery
 
 
-def matching_subscriptions(session: Session, event_type: str) -> list[Subscription]:
-    """Enabled subscriptions whose event filter admits ``event_type``."""
-    enabled = session.scalars(select(Subscription).where(Subscription.enabled.is_(True)))
+def matching_subscriptions(
+    session: Session, project_id: str, event_type: str
+) -> list[Subscription]:
+    """The project's enabled subscriptions whose event filter admits ``event_type``."""
+    enabled = session.scalars(
+        select(Subscription).where(
+            Subscription.project_id == project_id, Subscription.enabled.is_(True)
+        )
+    )
     return [sub for sub in enabled if not sub.events or event_type in sub.events]
 
 
 def emit_job_event(
     session: Session, db: Database, event_type: str, job: Job, data: dict[str, Any]
 ) -> Event:
-    """Record a job event and one delivery per matching subscription and per-job webhook."""
-    event = new_event(session, event_type, data, job.id)
-    for sub in matching_subscriptions(session, event_type):
+    """Record a job event, a delivery per matching subscription of its project and its webhook."""
+    event = new_event(session, event_type, data, job_id=job.id, project_id=job.project_id)
+    for sub in matching_subscriptions(session, job.project_id, event_type):
         add_delivery(
             session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=job.id
         )

@@ -14,13 +14,13 @@ folder and a scrape adds them up. The worker serves its own ``/metrics`` (and
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from http import HTTPStatus
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -39,10 +39,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import false, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from service.bearer import bearer_token, is_one_of
 from service.migrate import readiness
 from service.models import Delivery, Job, Subscription, Task, utcnow
 
 if TYPE_CHECKING:
+    from service.config import Settings
     from service.db import Database
     from service.extension import Services
     from service.upstream import UpstreamAnswer
@@ -67,6 +69,17 @@ UPSTREAM_LATENCY = Histogram(
     "Time ModelsLab took to answer, by operation.",
     ["operation"],
     buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_RATE_LIMITED = Counter(
+    "motionhook_upstream_rate_limited",
+    "429 answers from ModelsLab (its queued-request cap), by operation.",
+    ["operation"],
+)
+QUEUE_WAIT = Histogram(
+    "motionhook_queue_wait_seconds",
+    "Time a job waited in motionhook's queue for a ModelsLab slot, by operation (submit).",
+    ["operation"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
 )
 CALLBACKS = Counter(
     "motionhook_callbacks_received",
@@ -107,6 +120,12 @@ HTTP_LATENCY = Histogram(
 def record_upstream(operation: str, answer: UpstreamAnswer) -> None:
     UPSTREAM_REQUESTS.labels(operation, answer.kind).inc()
     UPSTREAM_LATENCY.labels(operation).observe(answer.latency)
+    if answer.http_status == 429:
+        UPSTREAM_RATE_LIMITED.labels(operation).inc()
+
+
+def record_queue_wait(seconds: float) -> None:
+    QUEUE_WAIT.labels("submit").observe(max(0.0, seconds))
 
 
 def record_callback(outcome: str) -> None:
@@ -287,13 +306,22 @@ def exposition(db: Database | None) -> bytes:
     return generate_latest(registry)
 
 
-def token_allows(expected: str | None, authorization: str | None) -> bool:
-    """With ``MOTIONHOOK_METRICS_TOKEN`` set, require it as a bearer token (constant time)."""
-    if not expected:
-        return True
-    scheme, _, token = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        expected.encode(), token.strip().encode()
+def metrics_refusal(settings: Settings, authorization: str | None) -> tuple[int, str] | None:
+    """Why a scrape is refused, as (HTTP status, message), or None when it is allowed.
+
+    With ``MOTIONHOOK_METRICS_TOKEN`` set, the scrape must bear it. Without one,
+    production keeps the metrics closed unless ``MOTIONHOOK_METRICS_PUBLIC=1``.
+    """
+    if settings.metrics_token:
+        token = bearer_token(authorization)
+        if token is not None and is_one_of(token, (settings.metrics_token,)):
+            return None
+        return 401, "metrics need the metrics token (Authorization: Bearer <token>)"
+    if settings.metrics_public:
+        return None
+    return 403, (
+        "metrics are closed in production: set MOTIONHOOK_METRICS_TOKEN and scrape with it "
+        "as a bearer token, or open them with MOTIONHOOK_METRICS_PUBLIC=1"
     )
 
 
@@ -338,16 +366,11 @@ def worker_wsgi_app(services: Services, heartbeat: Heartbeat = HEARTBEAT) -> Wsg
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            if not token_allows(settings.metrics_token, environ.get("HTTP_AUTHORIZATION")):
-                return _json(
-                    start_response,
-                    401,
-                    {
-                        "code": 401,
-                        "status": "Unauthorized",
-                        "message": "metrics need the metrics token",
-                    },
-                )
+            refusal = metrics_refusal(settings, environ.get("HTTP_AUTHORIZATION"))
+            if refusal is not None:
+                code, message = refusal
+                body = {"code": code, "status": HTTPStatus(code).phrase, "message": message}
+                return _json(start_response, code, body)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [exposition(None)]
         if path == "/healthz":
@@ -368,8 +391,6 @@ def worker_wsgi_app(services: Services, heartbeat: Heartbeat = HEARTBEAT) -> Wsg
 
 
 def _json(start_response: Callable[..., Any], code: int, body: dict[str, Any]) -> list[bytes]:
-    from http import HTTPStatus
-
     data = json.dumps(body).encode()
     start_response(
         f"{code} {HTTPStatus(code).phrase}",

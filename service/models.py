@@ -1,7 +1,9 @@
-"""Database tables: jobs, the raw callback log, events, subscriptions, deliveries, work.
+"""Database tables: projects and their tokens, jobs, the raw callback log, events,
+subscriptions, deliveries, work.
 
-The database is the queue. ``tasks`` holds job work (submit, download, reconcile)
-and ``deliveries`` holds notification work; both are claimed by moving ``due_at``
+Every job, event, subscription and delivery belongs to one project. The database
+is the queue. ``tasks`` holds job work (submit, download, reconcile) and
+``deliveries`` holds notification work; both are claimed by moving ``due_at``
 forward by the lease length, so a crashed worker's claim simply comes due again.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import secrets
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -27,7 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 NAMING = {
@@ -37,6 +40,26 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class JobStatus(StrEnum):
+    """Where a job is, as clients see it (``status`` of the job resource)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class DeliveryStatus(StrEnum):
+    """Where a delivery is (``status`` of the delivery resource)."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+DEFAULT_PROJECT_ID = "prj_default"
 
 
 def utcnow() -> datetime:
@@ -74,10 +97,53 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
+def project_column() -> MappedColumn[Any]:
+    """The owning project of a row.
+
+    The server default is for the pods of the previous release, which still serve
+    during a rolling deploy and insert rows without it: every token they know is
+    one of ``default``'s. No foreign key: these are the hot tables, and the value is
+    always copied from a row that was checked (the token's project, the job's).
+    """
+    return mapped_column(String(40), server_default=DEFAULT_PROJECT_ID)
+
+
+class Project(Base):
+    """A tenant: its tokens see only its own jobs, subscriptions, deliveries and events."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    # Signs the project's per-job webhooks. None for ``default``, which signs with
+    # MOTIONHOOK_WEBHOOK_SECRET until its secret is rotated through the API.
+    secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of a project, kept only as the SHA-256 of its value."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    scope: Mapped[str] = mapped_column(String(8))
+    description: Mapped[str] = mapped_column(Text, default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = project_column()
     status: Mapped[str] = mapped_column(String(16), index=True)
     model_id: Mapped[str] = mapped_column(String(32))
     input: Mapped[dict[str, Any]]
@@ -94,13 +160,17 @@ class Job(Base):
     outputs: Mapped[list[Any]]
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
-    submit_attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     submitted_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+    # Set while the job holds one of the ModelsLab account's queued-request slots.
+    upstream_slot_since: Mapped[datetime | None] = mapped_column(index=True)
 
-    __table_args__ = (Index("ix_jobs_created", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_created", "created_at", "id"),
+        Index("ix_jobs_project_created", "project_id", "created_at", "id"),
+    )
 
 
 class CallbackRecord(Base):
@@ -117,27 +187,36 @@ class CallbackRecord(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+BIGINT_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
 class Event(Base):
     __tablename__ = "events"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = project_column()
     type: Mapped[str] = mapped_column(String(32))
     job_id: Mapped[str | None] = mapped_column(String(40), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     payload: Mapped[dict[str, Any]]
     # The order of the events API and streams, filled in by the database (migration
-    # 0002, service/eventlog.py); never read back after an insert.
-    seq: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), deferred=True)
-    txid: Mapped[int] = mapped_column(BigInteger, server_default=FetchedValue(), deferred=True)
-
-    __table_args__ = (Index("ix_events_position", "txid", "seq", unique=True),)
+    # 0005, service/eventlog.py); never read back after an insert.
+    # Nullable: SQLite's trigger fills seq in just after the insert.
+    seq: Mapped[int | None] = mapped_column(BIGINT_ID, server_default=FetchedValue(), deferred=True)
+    txid: Mapped[int] = mapped_column(BIGINT_ID, server_default=FetchedValue(), deferred=True)
     __mapper_args__ = {"eager_defaults": False}
+
+    __table_args__ = (
+        Index("ix_events_project_id", "project_id"),
+        Index("ix_events_position", "txid", "seq", unique=True),
+    )
 
 
 class Subscription(Base):
     __tablename__ = "subscriptions"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = project_column()
     kind: Mapped[str] = mapped_column(String(16))
     url: Mapped[str] = mapped_column(Text)
     events: Mapped[list[Any]]
@@ -152,6 +231,8 @@ class Subscription(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    __table_args__ = (Index("ix_subscriptions_project_id", "project_id"),)
+
 
 class Delivery(Base):
     """One event to one target; also the work item the delivery threads claim."""
@@ -159,6 +240,7 @@ class Delivery(Base):
     __tablename__ = "deliveries"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = project_column()
     event_id: Mapped[str] = mapped_column(ForeignKey("events.id"), index=True)
     subscription_id: Mapped[str | None] = mapped_column(
         ForeignKey("subscriptions.id", ondelete="CASCADE"), index=True
@@ -179,7 +261,10 @@ class Delivery(Base):
     # Declared so the unit of work inserts the event before its deliveries.
     event: Mapped[Event] = relationship()
 
-    __table_args__ = (UniqueConstraint("event_id", "subscription_id", name="uq_delivery_target"),)
+    __table_args__ = (
+        UniqueConstraint("event_id", "subscription_id", name="uq_delivery_target"),
+        Index("ix_deliveries_project_created", "project_id", "created_at", "id"),
+    )
 
 
 class DeliveryAttempt(Base):
@@ -195,6 +280,27 @@ class DeliveryAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(String(16))
+
+
+class UpstreamCapacity(Base):
+    """The one row of ModelsLab capacity state every worker shares (and locks to claim).
+
+    ``effective_cap`` is how many queued requests ModelsLab is taking now (at most
+    ``MOTIONHOOK_MODELSLAB_MAX_QUEUED``); after a 429 all submissions pause until
+    ``paused_until``, then ``probing`` lets one submission out at a time until one is
+    accepted; ``probe_job_id`` is the submission in flight as a probe; no probe beyond
+    the cap goes out before ``probe_after``.
+    """
+
+    __tablename__ = "upstream_capacity"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    effective_cap: Mapped[int | None] = mapped_column(Integer)
+    paused_until: Mapped[datetime | None]
+    probing: Mapped[bool] = mapped_column(Boolean, default=False)
+    probe_job_id: Mapped[str | None] = mapped_column(String(40))
+    probe_after: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Task(Base):

@@ -84,11 +84,6 @@ def set_component(component: str) -> None:
 # -- context -------------------------------------------------------------------
 
 
-def current_context() -> dict[str, str]:
-    """The log context of this thread of work (request id, job id, ...)."""
-    return dict(_context.get() or {})
-
-
 @contextmanager
 def bind(**fields: str | None) -> Iterator[None]:
     """Add ``fields`` to the log and error context for the duration of the block."""
@@ -116,6 +111,7 @@ def register_settings_secrets(settings: Settings) -> None:
         modelslab_key = None
     register_secrets(
         *settings.api_tokens,
+        *settings.admin_tokens,
         settings.callback_secret,
         settings.callback_secret_previous,
         settings.webhook_secret,

@@ -22,7 +22,6 @@ What goes:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,30 +30,17 @@ from typing import Any
 from sqlalchemy import String, cast, delete, func, select, update
 
 from service.db import Database
-from service.jobs import COMPLETED, FAILED_STATUS, isoformat
-from service.models import CallbackRecord, DeliveryAttempt, Job, utcnow
+from service.jobs import isoformat
+from service.models import CallbackRecord, DeliveryAttempt, Job, JobStatus, utcnow
 from service.storage import Storage
 
 log = logging.getLogger("motionhook.prune")
 
 DEFAULT_BATCH_SIZE = 500
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-DURATION_PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*")
-FINISHED = (COMPLETED, FAILED_STATUS)
+FINISHED = (JobStatus.COMPLETED, JobStatus.FAILED)
 # Cheap prefilters on the JSON text (the same on both engines); Python checks again.
 HAS_OUTPUT_KEY = '%"key":%'
 HAS_IMAGE_KEY = '%"image_key":%'
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse ``30d``, ``12h``, ``90m``, ``45s`` or ``2w`` into a positive timedelta."""
-    match = DURATION_PATTERN.fullmatch(text.lower())
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration such as 30d, 12h, 90m, 45s or 2w")
-    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"{text!r} must be longer than zero")
-    return timedelta(seconds=seconds)
 
 
 @dataclass

@@ -20,9 +20,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service.db import Database
-from service.models import Delivery, Task, utcnow
+from service.models import Delivery, DeliveryStatus, Task, utcnow
 
-PENDING = "pending"
+PENDING = DeliveryStatus.PENDING
 TASKS = cast(Table, Task.__table__)
 
 
@@ -77,11 +77,31 @@ def _forget_tasks(session: Session, job_id: str, which: Callable[[Task], bool]) 
             session.expire(item)
 
 
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A task just leased to a worker: what its handler needs to know of it."""
+
+    id: int
+    kind: str
+    job_id: str
+    attempts: int
+    created_at: datetime
+    owner: str
+
+
 def claim_tasks(
     session: Session, db: Database, *, owner: str, lease: float, limit: int, now: datetime
-) -> list[Task]:
-    """Lease up to ``limit`` due tasks to ``owner``."""
-    query = select(Task).where(Task.due_at <= now).order_by(Task.due_at).limit(limit)
+) -> list[ClaimedTask]:
+    """Lease up to ``limit`` due tasks to ``owner``, oldest due first (submits aside).
+
+    Submits are claimed by ``service.capacity.claim_submits``, within the ModelsLab cap.
+    """
+    query = (
+        select(Task)
+        .where(Task.due_at <= now, Task.kind != "submit")
+        .order_by(Task.due_at)
+        .limit(limit)
+    )
     if not db.is_sqlite:
         query = query.with_for_update(skip_locked=True)
     tasks = list(session.scalars(query))
@@ -89,7 +109,38 @@ def claim_tasks(
         task.due_at = now + timedelta(seconds=lease)
         task.lease_owner = owner
         task.attempts += 1
-    return tasks
+    return [
+        ClaimedTask(task.id, task.kind, task.job_id, task.attempts, task.created_at, owner)
+        for task in tasks
+    ]
+
+
+def _leased(task: ClaimedTask) -> Any:
+    return (TASKS.c.id == task.id) & (TASKS.c.lease_owner == task.owner)
+
+
+def finish_task(session: Session, task: ClaimedTask) -> None:
+    """Delete a task that is done, unless our lease ran out and another worker has it."""
+    session.connection().execute(delete(TASKS).where(_leased(task)))
+
+
+def retry_task(session: Session, task: ClaimedTask, delay: float, error: str) -> None:
+    """Put a task back, due again in ``delay`` seconds (if it is still ours)."""
+    session.connection().execute(
+        update(TASKS)
+        .where(_leased(task))
+        .values(
+            due_at=utcnow() + timedelta(seconds=delay), lease_owner=None, last_error=error[:1000]
+        )
+    )
+
+
+def hold_task(session: Session, task: ClaimedTask, seconds: float) -> bool:
+    """Extend our lease on a task by ``seconds``; False when it is no longer ours."""
+    result = session.connection().execute(
+        update(TASKS).where(_leased(task)).values(due_at=utcnow() + timedelta(seconds=seconds))
+    )
+    return bool(result.rowcount)
 
 
 @dataclass(frozen=True)
@@ -148,43 +199,43 @@ def claim_deliveries(
     return [ClaimedDelivery(*row) for row in rows]
 
 
-def release_claims(
-    session: Session, owner: str, task_ids: Iterable[int], delivery_ids: Iterable[str]
-) -> None:
-    """Hand back leases this worker holds but will not finish (graceful shutdown)."""
-    now = utcnow()
-    ids = list(task_ids)
-    if ids:
+def release_tasks(session: Session, owner: str, ids: Iterable[int]) -> None:
+    """Hand back task leases this worker holds but will not finish (graceful shutdown)."""
+    wanted = list(ids)
+    if wanted:
         session.execute(
             update(Task)
-            .where(Task.id.in_(ids), Task.lease_owner == owner)
-            .values(due_at=now, lease_owner=None)
+            .where(Task.id.in_(wanted), Task.lease_owner == owner)
+            .values(due_at=utcnow(), lease_owner=None)
         )
-    dids = list(delivery_ids)
-    if dids:
+
+
+def release_deliveries(session: Session, owner: str, ids: Iterable[str]) -> None:
+    """Hand back delivery leases this worker holds but will not finish."""
+    wanted = list(ids)
+    if wanted:
         session.execute(
             update(Delivery)
-            .where(Delivery.id.in_(dids), Delivery.lease_owner == owner, Delivery.status == PENDING)
-            .values(due_at=now, lease_owner=None)
+            .where(
+                Delivery.id.in_(wanted), Delivery.lease_owner == owner, Delivery.status == PENDING
+            )
+            .values(due_at=utcnow(), lease_owner=None)
         )
 
 
-def next_due(session: Session) -> datetime | None:
-    """Return when the earliest task or pending delivery comes due."""
-    candidates = [due for due in next_due_by_queue(session).values() if due is not None]
-    return min(candidates) if candidates else None
+def next_task_due(session: Session) -> datetime | None:
+    """When the earliest task other than a submit comes due."""
+    return aware(session.scalar(select(func.min(Task.due_at)).where(Task.kind != "submit")))
 
 
-def next_due_by_queue(session: Session) -> dict[str, datetime | None]:
-    """Return when the earliest task, and the earliest pending delivery, come due."""
-    task_due = session.scalar(select(func.min(Task.due_at)))
-    delivery_due = session.scalar(
-        select(func.min(Delivery.due_at)).where(Delivery.status == PENDING)
+def next_delivery_due(session: Session) -> datetime | None:
+    """When the earliest pending delivery comes due."""
+    return aware(
+        session.scalar(select(func.min(Delivery.due_at)).where(Delivery.status == PENDING))
     )
-    return {"task": _aware(task_due), "delivery": _aware(delivery_due)}
 
 
-def _aware(value: datetime | str | None) -> datetime | None:
+def aware(value: datetime | str | None) -> datetime | None:
     # func.min bypasses the column type on SQLite and returns naive or text values.
     if value is None:
         return None

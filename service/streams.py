@@ -66,13 +66,14 @@ class Subscriber:
     """One open stream's registration: its start position and its queue of live events."""
 
     start: Position
+    project_id: str
     event_type: str | None
     job_id: str | None
     queue: queue.SimpleQueue[LoggedEvent | None] = field(default_factory=queue.SimpleQueue)
     overflowed: bool = False
 
     def offer(self, event: LoggedEvent) -> None:
-        if self.overflowed:
+        if self.overflowed or event.project_id != self.project_id:
             return
         if self.event_type is not None and event.type != self.event_type:
             return
@@ -102,8 +103,10 @@ class Hub:
 
     # -- streams -------------------------------------------------------
 
-    def open(self, *, event_type: str | None = None, job_id: str | None = None) -> Subscriber:
-        """Register a stream from now on, or raise :class:`StreamsFull`."""
+    def open(
+        self, project_id: str, *, event_type: str | None = None, job_id: str | None = None
+    ) -> Subscriber:
+        """Register a stream of the project's events from now on, or raise StreamsFull."""
         with self.lock:
             if self.stopping:
                 raise StreamsFull("this process is stopping")
@@ -112,7 +115,7 @@ class Hub:
             if self.position is None:
                 with self.db.transaction() as session:
                     self.position = latest_position(session)
-            subscriber = Subscriber(self.position, event_type, job_id)
+            subscriber = Subscriber(self.position, project_id, event_type, job_id)
             self.subscribers.add(subscriber)
             if self.thread is None:
                 # Started here, not in create_app: gunicorn may fork after create_app.
@@ -174,6 +177,7 @@ class Hub:
                     session,
                     after,
                     limit=PAGE,
+                    project_id=subscriber.project_id,
                     event_type=subscriber.event_type,
                     job_id=subscriber.job_id,
                 )

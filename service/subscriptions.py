@@ -6,20 +6,47 @@ Functions take a session and plain values; the views stay thin.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db import Database
-from service.delivery import FAILED, PENDING
 from service.events import add_delivery, new_event
 from service.jobs import decode_cursor, encode_cursor_parts, isoformat
-from service.models import Delivery, DeliveryAttempt, Event, Subscription, new_id, utcnow
+from service.models import (
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Event,
+    Project,
+    Subscription,
+    new_id,
+    utcnow,
+)
 from service.notifiers.webhook import generate_secret
 
 SECRET_OVERLAP = timedelta(hours=24)
 WEBHOOK = "webhook"
+
+
+class SubscriptionLimitReached(Exception):
+    """The project already has as many subscriptions as it may."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this project already has {limit} subscriptions, the most it may have "
+            "(MOTIONHOOK_MAX_SUBSCRIPTIONS_PER_PROJECT); delete one first"
+        )
+
+
+class RotatingSecret(Protocol):
+    """A row that signs with a secret and keeps the previous one for an overlap."""
+
+    secret: str | None
+    previous_secret: str | None
+    previous_secret_expires_at: datetime | None
+    updated_at: datetime
 
 
 def subscription_resource(sub: Subscription, *, secret: str | None = None) -> dict[str, Any]:
@@ -40,10 +67,23 @@ def subscription_resource(sub: Subscription, *, secret: str | None = None) -> di
     return resource
 
 
-def create_subscription(session: Session, params: dict[str, Any]) -> Subscription:
+def create_subscription(
+    session: Session, project_id: str, params: dict[str, Any], *, limit: int
+) -> Subscription:
+    """Add a subscription to the project, unless it already has ``limit`` of them."""
+    # Lock the project row so that concurrent creates count one after the other.
+    session.execute(
+        select(Project.id).where(Project.id == project_id).with_for_update(key_share=True)
+    )
+    count = session.scalar(
+        select(func.count()).select_from(Subscription).where(Subscription.project_id == project_id)
+    )
+    if (count or 0) >= limit:
+        raise SubscriptionLimitReached(limit)
     now = utcnow()
     sub = Subscription(
         id=new_id("sub"),
+        project_id=project_id,
         kind=params["kind"],
         url=params["url"],
         events=list(dict.fromkeys(params["events"])),
@@ -74,8 +114,8 @@ def update_subscription(sub: Subscription, changes: dict[str, Any]) -> None:
     sub.updated_at = utcnow()
 
 
-def rotate_secret(sub: Subscription) -> str:
-    """Give the subscription a new secret; the old one keeps signing for 24 hours."""
+def rotate_secret(sub: RotatingSecret) -> str:
+    """Give the row a new secret; the old one keeps signing for 24 hours."""
     now = utcnow()
     new_secret = generate_secret()
     sub.previous_secret = sub.secret
@@ -92,6 +132,7 @@ def send_test_event(session: Session, db: Database, sub: Subscription) -> tuple[
         "test.ping",
         {"subscription_id": sub.id, "message": "Test event from motionhook"},
         job_id=None,
+        project_id=sub.project_id,
     )
     delivery = add_delivery(
         session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=None
@@ -107,10 +148,10 @@ def recover_failed(session: Session, db: Database, sub: Subscription, since: dat
         update(Delivery)
         .where(
             Delivery.subscription_id == sub.id,
-            Delivery.status == FAILED,
+            Delivery.status == DeliveryStatus.FAILED,
             Delivery.created_at >= since,
         )
-        .values(status=PENDING, due_at=now, lease_owner=None, updated_at=now)
+        .values(status=DeliveryStatus.PENDING, due_at=now, lease_owner=None, updated_at=now)
     )
     count = int(getattr(result, "rowcount", 0) or 0)
     if count:
@@ -121,7 +162,7 @@ def recover_failed(session: Session, db: Database, sub: Subscription, since: dat
 def retry_delivery(session: Session, db: Database, delivery: Delivery) -> None:
     """Replay one delivery now, whatever its status."""
     now = utcnow()
-    delivery.status = PENDING
+    delivery.status = DeliveryStatus.PENDING
     delivery.due_at = now
     delivery.lease_owner = None
     delivery.updated_at = now
@@ -140,7 +181,9 @@ def delivery_resource(
         "kind": delivery.kind,
         "status": delivery.status,
         "attempt_count": delivery.attempt_count,
-        "next_attempt_at": isoformat(delivery.due_at) if delivery.status == PENDING else None,
+        "next_attempt_at": isoformat(delivery.due_at)
+        if delivery.status == DeliveryStatus.PENDING
+        else None,
         "last_status_code": delivery.last_status_code,
         "last_error": delivery.last_error,
         "created_at": isoformat(delivery.created_at),
@@ -162,11 +205,12 @@ def delivery_resource(
     return resource
 
 
-def get_delivery(session: Session, delivery_id: str) -> dict[str, Any] | None:
+def get_delivery(session: Session, project_id: str, delivery_id: str) -> dict[str, Any] | None:
+    """One of the project's deliveries with every attempt, or None."""
     row = session.execute(
         select(Delivery, Event.type)
         .join(Event, Event.id == Delivery.event_id)
-        .where(Delivery.id == delivery_id)
+        .where(Delivery.id == delivery_id, Delivery.project_id == project_id)
     ).first()
     if row is None:
         return None
@@ -182,12 +226,13 @@ def get_delivery(session: Session, delivery_id: str) -> dict[str, Any] | None:
 
 
 def list_deliveries(
-    session: Session, *, filters: dict[str, Any], limit: int, cursor: str | None
+    session: Session, project_id: str, *, filters: dict[str, Any], limit: int, cursor: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of deliveries, newest first."""
+    """One page of the project's deliveries, newest first."""
     query = (
         select(Delivery, Event.type)
         .join(Event, Event.id == Delivery.event_id)
+        .where(Delivery.project_id == project_id)
         .order_by(Delivery.created_at.desc(), Delivery.id.desc())
         .limit(limit + 1)
     )

@@ -8,18 +8,17 @@ The API key is sent upstream and nowhere else: it is scrubbed from any message.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import requests
 from marshmallow import ValidationError
 
-from schemas.upstream import FAILED, UPSTREAM_RESPONSE, UpstreamResult
+from schemas.upstream import UPSTREAM_RESPONSE, UpstreamResult, UpstreamStatus
 from service.metrics import record_upstream
+from service.retry import retry_after_field, retry_after_header
 
 RESULT, REJECTED, RETRY = "result", "rejected", "retry"
 PERMANENT_HTTP = frozenset({400, 401, 402, 403, 404, 405, 413, 422})
@@ -34,22 +33,6 @@ class UpstreamAnswer:
     http_status: int | None = None
     raw: bytes = b""
     latency: float = 0.0
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Read a ``Retry-After`` header given as seconds or as an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class UpstreamClient:
@@ -113,12 +96,9 @@ class UpstreamClient:
             return UpstreamAnswer(kind, http_status=status, raw=raw, latency=latency, **extra)
 
         if status == 429:
-            body_retry = payload.get("retry_after") if isinstance(payload, dict) else None
-            retry_after = (
-                float(body_retry)
-                if isinstance(body_retry, int | float)
-                else retry_after_seconds(response.headers.get("Retry-After"))
-            )
+            retry_after = retry_after_field(
+                payload if isinstance(payload, dict) else None
+            ) or retry_after_header(response.headers.get("Retry-After"))
             return answer(
                 RETRY, message=message or "rate limited by ModelsLab", retry_after=retry_after
             )
@@ -136,7 +116,7 @@ class UpstreamClient:
             result: UpstreamResult = UPSTREAM_RESPONSE.load(payload)
         except ValidationError:
             return answer(RETRY, message="ModelsLab answered without a status")
-        if result.status == FAILED:
+        if result.status == UpstreamStatus.FAILED:
             return answer(
                 REJECTED,
                 result=result,

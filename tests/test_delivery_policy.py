@@ -1,9 +1,8 @@
-"""Delivery policy: classification of real HTTP answers, retry timing and pacing."""
+"""Delivery policy: classification of real HTTP answers and pacing."""
 
 from __future__ import annotations
 
 import json
-import random
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,18 +18,15 @@ import standardwebhooks
 
 from service.notifiers import Message, render_message
 from service.notifiers.policy import (
-    DEFAULT_SCHEDULE,
-    MAX_RETRY_AFTER,
     AttemptResult,
     Outcome,
     classify,
-    next_attempt_delay,
     pacing_delay,
-    parse_schedule,
     send,
 )
 from service.notifiers.webhook import generate_secret
 from service.outbound import TargetRefused, make_session
+from service.retry import MAX_RETRY_AFTER
 
 NOW = datetime(2025, 5, 1, 12, 0, 0, tzinfo=UTC)
 SLACK_PATH = "/services/T000/B000/XXXXSECRETXXXX"
@@ -391,66 +387,9 @@ def test_retry_after_edge_cases(value: str, expected: float | None) -> None:
 
 
 def test_pacing_per_kind() -> None:
-    assert pacing_delay("slack", 200, {}) == 1.0
+    # Slack's one message a second is reserved at claim time, not asked for by Slack.
+    assert pacing_delay("slack", 200, {}) == 0.0
     assert pacing_delay("webhook", 200, {"X-RateLimit-Remaining": "0"}) == 0.0
     assert pacing_delay("discord", 204, {"X-RateLimit-Remaining": "3"}) == 0.0
     headers = {"x-ratelimit-remaining": "0", "x-ratelimit-reset-after": "2.5"}
     assert pacing_delay("discord", 204, headers) == 2.5
-
-
-# --- schedule ---------------------------------------------------------------------------
-
-
-def test_delay_is_jittered_within_twenty_percent() -> None:
-    rng = random.Random(1234)
-    for attempt, base in enumerate(DEFAULT_SCHEDULE, start=1):
-        draws = [
-            next_attempt_delay(DEFAULT_SCHEDULE, attempt, retry_after=None, rng=rng)
-            for _ in range(500)
-        ]
-        values = [draw for draw in draws if draw is not None]
-        assert len(values) == 500
-        assert all(0.8 * base <= value <= 1.2 * base for value in values)
-        # The jitter is really spread over the range, not a constant.
-        assert min(values) < 0.85 * base
-        assert max(values) > 1.15 * base
-
-
-def test_retry_after_wins_when_larger_than_the_schedule() -> None:
-    rng = random.Random(5)
-
-    assert next_attempt_delay((5.0,), 1, retry_after=600.0, rng=rng) == 600.0
-    delay = next_attempt_delay((300.0,), 1, retry_after=2.0, rng=rng)
-    assert delay is not None and 240.0 <= delay <= 360.0
-
-
-def test_schedule_exhaustion_returns_none() -> None:
-    rng = random.Random(0)
-
-    assert next_attempt_delay(DEFAULT_SCHEDULE, 7, retry_after=None, rng=rng) is not None
-    assert next_attempt_delay(DEFAULT_SCHEDULE, 8, retry_after=None, rng=rng) is None
-    assert next_attempt_delay((), 1, retry_after=30.0, rng=rng) is None
-    with pytest.raises(ValueError):
-        next_attempt_delay(DEFAULT_SCHEDULE, 0, retry_after=None, rng=rng)
-
-
-def test_parse_schedule() -> None:
-    assert parse_schedule("5,300,1800,7200,18000,36000,36000") == DEFAULT_SCHEDULE
-    assert parse_schedule(" 0.5 , 10 ") == (0.5, 10.0)
-
-
-@pytest.mark.parametrize(
-    ("text", "named"),
-    [
-        ("5,abc,10", "item 2 ('abc')"),
-        ("5,,10", "item 2 ('')"),
-        ("-1", "item 1 ('-1')"),
-        ("5,inf", "item 2 ('inf')"),
-        ("", "empty"),
-    ],
-)
-def test_parse_schedule_names_the_bad_item(text: str, named: str) -> None:
-    with pytest.raises(ValueError) as caught:
-        parse_schedule(text)
-
-    assert named in str(caught.value)

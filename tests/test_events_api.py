@@ -10,13 +10,21 @@ from service.db import Database
 from service.events import new_event
 from service.extension import Services
 from service.migrate import alembic_config, upgrade
+from service.models import DEFAULT_PROJECT_ID
+from service.projects import create_project
 
 
-def add_events(services: Services, *types: str, job_id: str | None = "job_a") -> list[str]:
+def add_events(
+    services: Services, *types: str, job_id: str | None = "job_a", project: str = DEFAULT_PROJECT_ID
+) -> list[str]:
     ids = []
     for event_type in types:
         with services.db.transaction() as session:
-            ids.append(new_event(session, event_type, {"n": len(ids)}, job_id).id)
+            ids.append(
+                new_event(
+                    session, event_type, {"n": len(ids)}, job_id=job_id, project_id=project
+                ).id
+            )
     return ids
 
 
@@ -89,7 +97,9 @@ def test_an_event_committed_behind_an_open_transaction_waits_for_it(
         return  # one writer at a time: commits happen in insert order
     slow = services.db.sessions()
     slow.begin()
-    early = new_event(slow, "job.processing", {}, "job_slow").id
+    early = new_event(
+        slow, "job.processing", {}, job_id="job_slow", project_id=DEFAULT_PROJECT_ID
+    ).id
     slow.flush()  # inserted, so positioned, but not committed
     (late,) = add_events(services, "job.completed")
     assert client.get("/v1/events", headers=auth).json["items"] == []  # after 1 s of waiting
@@ -113,8 +123,21 @@ def test_migration_orders_existing_events_by_creation(stack_database_url: str) -
             )
     upgrade(db)
     with db.transaction() as session:
-        new_event(session, "job.completed", {}, None)
+        new_event(session, "job.completed", {}, job_id=None, project_id=DEFAULT_PROJECT_ID)
     with db.engine.connect() as conn:
         rows = conn.execute(text("SELECT id FROM events ORDER BY txid, seq")).scalars().all()
     db.dispose()
     assert rows[:2] == ["evt_a", "evt_b"] and len(rows) == 3
+
+
+def test_another_projects_events_are_invisible(
+    client: FlaskClient, auth: dict[str, str], services: Services
+) -> None:
+    with services.db.transaction() as session:
+        other = create_project(session, "other").id
+    (theirs,) = add_events(services, "job.completed", project=other)
+    mine = add_events(services, "job.completed")
+    items = client.get("/v1/events", headers=auth).json["items"]
+    assert [item["id"] for item in items] == mine
+    response = client.get(f"/v1/events?after={theirs}", headers=auth)
+    assert response.status_code == 422  # an id of another project is no event of ours

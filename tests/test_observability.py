@@ -15,11 +15,13 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.test import Client
 
 from service import create_app
 from service.callbacks import callback_token
 from service.devstack import SAMPLE_IMAGE, Stack, free_port, wait_until
 from service.extension import Services
+from service.metrics import Heartbeat, worker_wsgi_app
 from service.migrate import upgrade
 from service.observability import (
     JsonFormatter,
@@ -318,6 +320,41 @@ def test_metrics_token_guards_the_endpoint(tmp_path: Path, monkeypatch: pytest.M
     allowed = client.get("/metrics", headers={"Authorization": "Bearer scrape-me-123"})
     assert allowed.status_code == 200
     assert b"motionhook_database_up 0.0" in allowed.data  # not migrated: gauges say so
+
+
+PRODUCTION = {"ENV": "production", "ALLOW_SQLITE_IN_PRODUCTION": True}
+
+
+@pytest.mark.parametrize("opened", [{}, {"METRICS_PUBLIC": "1"}])
+def test_production_closes_metrics_without_a_token_unless_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: dict[str, str]
+) -> None:
+    monkeypatch.setenv("MOTIONHOOK_INSTANCE_PATH", str(tmp_path / "instance"))
+    config = app_config(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, **PRODUCTION, **opened)
+    app = create_app(config)
+    web = app.test_client().get("/metrics")
+    worker = Client(worker_wsgi_app(app.extensions["motionhook"], Heartbeat())).get("/metrics")
+    if opened:
+        assert web.status_code == worker.status_code == 200
+        return
+    assert web.status_code == worker.status_code == 403
+    for body in (web.get_json(), worker.get_json()):
+        assert "MOTIONHOOK_METRICS_TOKEN" in body["message"]
+        assert "MOTIONHOOK_METRICS_PUBLIC" in body["message"]
+
+
+def test_production_serves_metrics_to_the_metrics_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOTIONHOOK_INSTANCE_PATH", str(tmp_path / "instance"))
+    config = app_config(
+        f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, **PRODUCTION, METRICS_TOKEN="scrape-me-123"
+    )
+    client = create_app(config).test_client()
+    assert client.get("/metrics").status_code == 401
+    assert (
+        client.get("/metrics", headers={"Authorization": "Bearer scrape-me-123"}).status_code == 200
+    )
 
 
 # -- real processes --------------------------------------------------------------------

@@ -13,18 +13,19 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from service.cli import main
+from service.config import parse_duration
 from service.extension import Services
-from service.jobs import COMPLETED, FAILED_STATUS, RUNNING
 from service.models import (
     CallbackRecord,
     Delivery,
     DeliveryAttempt,
     Event,
     Job,
+    JobStatus,
     new_id,
     utcnow,
 )
-from service.prune import PruneReport, parse_duration, prune
+from service.prune import PruneReport, prune
 from service.storage import Storage, StoredObject
 
 MONTH = timedelta(days=30)
@@ -40,7 +41,7 @@ def add_job(
     services: Services,
     *,
     finished_days_ago: float | None,
-    status: str = COMPLETED,
+    status: str = JobStatus.COMPLETED,
     outputs: int = 1,
     upload: bool = False,
 ) -> str:
@@ -173,13 +174,13 @@ def run(services: Services, **options: Any) -> PruneReport:
     ],
 )
 def test_parse_duration(text: str, expected: timedelta) -> None:
-    assert parse_duration(text) == expected
+    assert parse_duration(text, unit_required=True, positive=True) == expected.total_seconds()
 
 
 @pytest.mark.parametrize("text", ["", "30", "d", "-1d", "0d", "30 days", "1y", "1e3d"])
 def test_parse_duration_refuses_what_is_not_a_positive_duration(text: str) -> None:
     with pytest.raises(ValueError):
-        parse_duration(text)
+        parse_duration(text, unit_required=True, positive=True)
 
 
 # -- callbacks and delivery bodies ---------------------------------------------------------------
@@ -239,7 +240,9 @@ def test_old_outputs_are_deleted_and_the_job_shows_them_unstored(
 
 def test_recent_and_unfinished_jobs_keep_their_media(services: Services) -> None:
     recent = add_job(services, finished_days_ago=3)
-    running = add_job(services, finished_days_ago=None, status=RUNNING, upload=True, outputs=0)
+    running = add_job(
+        services, finished_days_ago=None, status=JobStatus.PROCESSING, upload=True, outputs=0
+    )
     report = run(services, include_media=True)
     assert report.media_jobs_pruned == 0
     assert services.storage.stat(f"outputs/{recent}/0.mp4") is not None
@@ -250,7 +253,9 @@ def test_recent_and_unfinished_jobs_keep_their_media(services: Services) -> None
 def test_uploaded_input_of_an_old_failed_job_is_deleted(
     services: Services, client: FlaskClient, auth: dict[str, str]
 ) -> None:
-    job_id = add_job(services, finished_days_ago=40, status=FAILED_STATUS, outputs=0, upload=True)
+    job_id = add_job(
+        services, finished_days_ago=40, status=JobStatus.FAILED, outputs=0, upload=True
+    )
     report = run(services, include_media=True)
     assert (report.media_jobs_pruned, report.media_objects_deleted) == (1, 1)
     assert services.storage.stat(f"inputs/{job_id}.png") is None

@@ -1,4 +1,4 @@
-"""Rate limits: one budget per bearer token, shared through Redis, never on callbacks."""
+"""Rate limits: one budget per project, shared through Redis, never on callbacks."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from flask.testing import FlaskClient
 from service import create_app
 from service.migrate import upgrade
 from tests.conftest import app_config
+from tests.tenants import add_project
 
-TOKEN_A, TOKEN_B = "token-a-0123456789", "token-b-0123456789"
+# Two configured tokens, both of project ``default``, and one of project ``other``.
+TOKEN_A, TOKEN_A2 = "token-a-0123456789", "token-a2-0123456789"
+TOKEN_B = "token-b-0123456789"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -26,7 +29,8 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def make_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Flask]]:
-    """Apps on one migrated SQLite database, with two tokens and a tiny limit."""
+    """Apps on one migrated SQLite database with a tiny limit: project ``default`` (two
+    configured tokens) and project ``other`` (TOKEN_B)."""
     monkeypatch.setenv("MOTIONHOOK_INSTANCE_PATH", str(tmp_path / "instance"))
     apps: list[Flask] = []
 
@@ -34,12 +38,15 @@ def make_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
         config = app_config(
             f"sqlite:///{tmp_path / 'rl.db'}",
             tmp_path,
-            API_TOKENS=f"{TOKEN_A},{TOKEN_B}",
+            API_TOKENS=f"{TOKEN_A},{TOKEN_A2}",
             RATELIMIT="3/minute",
             **overrides,
         )
         flask_app = create_app(config)
-        upgrade(flask_app.extensions["motionhook"].db)
+        db = flask_app.extensions["motionhook"].db
+        upgrade(db)
+        if not apps:
+            add_project(db, "other", token=TOKEN_B)
         apps.append(flask_app)
         return flask_app
 
@@ -64,10 +71,16 @@ def test_a_token_over_its_limit_gets_429_with_retry_after(make_app: Callable[...
     assert limited.headers["X-RateLimit-Remaining"] == "0"
 
 
-def test_other_tokens_keep_their_own_budget(make_app: Callable[..., Flask]) -> None:
+def test_other_projects_keep_their_own_budget(make_app: Callable[..., Flask]) -> None:
     client = make_app().test_client()
     assert spend(client, TOKEN_A, 4)[-1] == 429
     assert spend(client, TOKEN_B, 3) == [200, 200, 200]
+
+
+def test_the_tokens_of_one_project_share_its_budget(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    assert spend(client, TOKEN_A, 3) == [200, 200, 200]
+    assert spend(client, TOKEN_A2, 1) == [429]
 
 
 def test_bad_tokens_do_not_spend_a_valid_tokens_budget(make_app: Callable[..., Flask]) -> None:

@@ -24,6 +24,7 @@ from service.callbacks import callback_token
 from service.db import normalize_url
 from service.devstack import Stack, wait_until
 from service.jobs import create_job
+from service.models import DEFAULT_PROJECT_ID
 from tests.local_http import LocalServer, Received
 
 API_TOKEN = "mh_tok_4f1d2c9b7a3e8f60"
@@ -154,7 +155,7 @@ def test_worker_failure_is_reported_tagged_and_scrubbed(
         "image_key": f"/{CALLBACK_SECRET}",
     }
     with db.transaction() as session:
-        job_id = create_job(session, db, params).id
+        job_id = create_job(session, db, params, project_id=DEFAULT_PROJECT_ID).id
     db.dispose()
     stack.start_worker()
     event = wait_until(

@@ -89,7 +89,16 @@ def add_security_headers(response: Response) -> Response:
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
     from service import dashboard
-    from service.api import callbacks, deliveries, events, health, jobs, metrics, subscriptions
+    from service.api import (
+        callbacks,
+        deliveries,
+        events,
+        health,
+        jobs,
+        metrics,
+        projects,
+        subscriptions,
+    )
     from service.api.media import media_bp
     from service.api.ratelimit import init_limiter
 
@@ -103,6 +112,7 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(deliveries.blp)
     api.register_blueprint(events.blp)
     events.init_streams(app)
+    api.register_blueprint(projects.blp)
     api.register_blueprint(callbacks.blp)
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)

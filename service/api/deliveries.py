@@ -7,7 +7,7 @@ from typing import Any
 from flask_smorest import Blueprint
 
 from schemas.subscriptions import DeliveryListArgs, DeliveryPageSchema, DeliverySchema
-from service.api.auth import require_token
+from service.api.auth import client_project, owned, require_client
 from service.api.errors import abort
 from service.extension import services
 from service.models import Delivery, Subscription
@@ -19,7 +19,7 @@ blp = Blueprint(
     url_prefix="/v1/deliveries",
     description="Delivery log, with every attempt",
 )
-blp.before_request(require_token)
+blp.before_request(require_client)
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -32,7 +32,11 @@ def list_all(args: dict[str, Any]) -> dict[str, Any]:
     with services().db.transaction() as session:
         try:
             items, next_cursor = list_deliveries(
-                session, filters=args, limit=args["limit"], cursor=args.get("cursor")
+                session,
+                client_project(),
+                filters=args,
+                limit=args["limit"],
+                cursor=args.get("cursor"),
             )
         except ValueError as exc:
             abort(422, message=f"cursor: {exc}", errors={"query": {"cursor": [str(exc)]}})
@@ -45,7 +49,7 @@ def list_all(args: dict[str, Any]) -> dict[str, Any]:
 def get(delivery_id: str) -> dict[str, Any]:
     """Return one delivery with every attempt."""
     with services().db.transaction() as session:
-        resource = get_delivery(session, delivery_id)
+        resource = get_delivery(session, client_project(), delivery_id)
         if resource is None:
             abort(404, message=f"delivery {delivery_id} not found")
         return resource
@@ -58,15 +62,13 @@ def retry(delivery_id: str) -> dict[str, Any]:
     """Send this delivery again now."""
     svc = services()
     with svc.db.transaction() as session:
-        delivery = session.get(Delivery, delivery_id, with_for_update=True)
-        if delivery is None:
-            abort(404, message=f"delivery {delivery_id} not found")
+        delivery = owned(session, Delivery, delivery_id, "delivery", lock=True)
         if delivery.subscription_id:
             sub = session.get(Subscription, delivery.subscription_id)
             if sub is not None and not sub.enabled:
                 abort(409, message="subscription is disabled; enable it first")
         retry_delivery(session, svc.db, delivery)
     with svc.db.transaction() as session:
-        resource = get_delivery(session, delivery_id)
+        resource = get_delivery(session, delivery.project_id, delivery_id)
         assert resource is not None
         return resource

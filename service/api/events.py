@@ -10,9 +10,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.events import EventListArgs, EventPageSchema, EventStreamArgs
-from service.api.auth import require_token
+from service.api.auth import client_project, owned, require_client
 from service.api.errors import abort
-from service.eventlog import START, TERMINAL_TYPES, Position, position_of, read_after
+from service.eventlog import (
+    START,
+    TERMINAL_TYPES,
+    Position,
+    as_position,
+    position_of,
+    read_after,
+)
 from service.extension import services
 from service.models import Event, Job
 from service.streams import Hub, StreamsFull
@@ -49,7 +56,7 @@ blp = Blueprint(
     url_prefix="/v1",
     description="Events: catch up on what you missed, or stream them live",
 )
-blp.before_request(require_token)
+blp.before_request(require_client)
 
 
 def init_streams(app: Flask) -> None:
@@ -67,7 +74,7 @@ def hub() -> Hub:
 
 
 def _position(session: Session, event_id: str, field: str, location: str) -> Position:
-    position = position_of(session, event_id)
+    position = position_of(session, client_project(), event_id)
     if position is None:
         message = f"no event {event_id}"
         abort(422, message=f"{field}: {message}", errors={location: {field: [message]}})
@@ -86,6 +93,7 @@ def list_all(args: dict[str, Any]) -> dict[str, Any]:
             session,
             after,
             limit=args["limit"],
+            project_id=client_project(),
             event_type=args.get("type"),
             job_id=args.get("job_id"),
             settle=LIST_SETTLE,
@@ -107,7 +115,11 @@ def stream_all(args: dict[str, Any]) -> Response:
         with services().db.transaction() as session:
             after = _position(session, last_event_id, "Last-Event-ID", "headers")
     return open_stream(
-        after=after, event_type=args.get("type"), job_id=args.get("job_id"), until_terminal=False
+        client_project(),
+        after=after,
+        event_type=args.get("type"),
+        job_id=args.get("job_id"),
+        until_terminal=False,
     )
 
 
@@ -118,8 +130,7 @@ def stream_job(job_id: str) -> Response:
     after = START
     last_event_id = request.headers.get("Last-Event-ID")
     with services().db.transaction() as session:
-        if session.get(Job, job_id) is None:
-            abort(404, message=f"job {job_id} not found")
+        owned(session, Job, job_id, "job")
         if last_event_id:
             after = _position(session, last_event_id, "Last-Event-ID", "headers")
         terminal = session.execute(
@@ -128,17 +139,25 @@ def stream_job(job_id: str) -> Response:
             .order_by(Event.txid, Event.seq)
             .limit(1)
         ).first()
-    if terminal is not None and (int(terminal[0]), int(terminal[1])) <= after:
+    if terminal is not None and as_position(*terminal) <= after:
         return _sse_response(iter(()))  # the client has seen the end already
-    return open_stream(after=after, event_type=None, job_id=job_id, until_terminal=True)
+    return open_stream(
+        client_project(), after=after, event_type=None, job_id=job_id, until_terminal=True
+    )
 
 
 def open_stream(
-    *, after: Position | None, event_type: str | None, job_id: str | None, until_terminal: bool
+    project_id: str,
+    *,
+    after: Position | None,
+    event_type: str | None,
+    job_id: str | None,
+    until_terminal: bool,
 ) -> Response:
+    """A stream of the project's events (see service.streams), or 503 past the bound."""
     streams = hub()
     try:
-        subscriber = streams.open(event_type=event_type, job_id=job_id)
+        subscriber = streams.open(project_id, event_type=event_type, job_id=job_id)
     except StreamsFull as exc:
         abort(503, message=f"{exc}; retry shortly", headers={"Retry-After": STREAM_RETRY_AFTER})
     response = _sse_response(streams.events(subscriber, after=after, until_terminal=until_terminal))

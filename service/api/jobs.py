@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from schemas.jobs import JobCreateSchema, JobListArgs, JobPageSchema, JobSchema
-from service.api.auth import current_token, require_token
+from service.api.auth import client_project, owned, require_client
 from service.api.docs import IDEMPOTENCY_KEY, JOB_EXAMPLE
 from service.api.errors import abort
 from service.extension import services
@@ -28,7 +28,7 @@ from service.models import Job, new_id
 from service.outbound import TargetRefused, validate_target_url
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Image-to-video jobs")
-blp.before_request(require_token)
+blp.before_request(require_client)
 
 JOB_CREATE = JobCreateSchema()
 JSON_FIELDS_IN_FORMS = ("metadata", "webhook_events")
@@ -110,7 +110,8 @@ def create(**_: Any) -> tuple[dict[str, Any], int]:
         abort(422, message="Idempotency-Key: must be 1 to 255 characters")
     upload_hash = hashlib.sha256(upload).hexdigest() if upload is not None else None
     fingerprint = request_fingerprint(params, upload_hash)
-    scoped = scoped_idempotency_key(current_token(), key) if key else None
+    project_id = client_project()
+    scoped = scoped_idempotency_key(project_id, key) if key else None
     if scoped:
         replay = _replay(scoped, fingerprint)
         if replay is not None:
@@ -128,6 +129,7 @@ def create(**_: Any) -> tuple[dict[str, Any], int]:
                 session,
                 svc.db,
                 params,
+                project_id=project_id,
                 job_id=job_id,
                 idempotency_key=scoped,
                 fingerprint=fingerprint,
@@ -161,10 +163,7 @@ def get_job(job_id: str) -> dict[str, Any]:
     """Return one job."""
     svc = services()
     with svc.db.transaction() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            abort(404, message=f"job {job_id} not found")
-        return job_resource(job, svc.media_url)
+        return job_resource(owned(session, Job, job_id, "job"), svc.media_url)
 
 
 @blp.get("")
@@ -177,7 +176,11 @@ def list_all(args: dict[str, Any]) -> dict[str, Any]:
     with svc.db.transaction() as session:
         try:
             jobs, next_cursor = list_jobs(
-                session, status=args.get("status"), limit=args["limit"], cursor=args.get("cursor")
+                session,
+                client_project(),
+                status=args.get("status"),
+                limit=args["limit"],
+                cursor=args.get("cursor"),
             )
         except ValueError as exc:
             abort(422, message=f"cursor: {exc}", errors={"query": {"cursor": [str(exc)]}})

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from flask import Response, request
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.api.errors import abort
 from service.extension import services
-from service.metrics import exposition, token_allows
+from service.metrics import exposition, metrics_refusal
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
@@ -25,6 +26,7 @@ blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 def metrics() -> Response:
     """Expose counters of every web process and gauges read from the database."""
     svc = services()
-    if not token_allows(svc.settings.metrics_token, request.headers.get("Authorization")):
-        abort(401, message="metrics need the metrics token (Authorization: Bearer <token>)")
+    refusal = metrics_refusal(svc.settings, request.headers.get("Authorization"))
+    if refusal is not None:
+        abort(refusal[0], message=refusal[1])
     return Response(exposition(svc.db), content_type=CONTENT_TYPE_LATEST)

@@ -1,20 +1,20 @@
-"""Rate limits on the client API: one budget per bearer token, shared by every instance.
+"""Rate limits on the client API: one budget per project, shared by every instance.
 
-The key is a hash of the presented token when it is a valid one, else the client
-address, so a token's budget never depends on which instance answers and bad
-tokens cannot mint themselves fresh budgets. Callbacks (ModelsLab must never be
+The key is the project of a valid client token (all of a project's tokens share
+its budget), a hash of the token for admin tokens, else the client address, so a
+budget never depends on which instance answers and bad tokens cannot mint
+themselves fresh budgets. Callbacks (ModelsLab must never be
 limited away), media, probes, metrics and docs are not limited. With
 ``MOTIONHOOK_RATELIMIT_STORAGE_URL=redis://…`` every instance shares the counts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from flask import Flask, Response, request
 from flask_limiter import ApplicationLimit, Limiter
+from sqlalchemy.exc import SQLAlchemyError
 
+from service.api.auth import current_principal
 from service.config import Settings
 
 LIMITED_PREFIX = "/v1/"
@@ -22,21 +22,19 @@ UNLIMITED_PREFIXES = ("/v1/callbacks/",)
 DISABLED = frozenset({"", "0", "off", "none", "false"})
 
 
-def _presented_token() -> str:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-def rate_limit_key(tokens: tuple[str, ...]) -> str:
-    """``token:<sha256 prefix>`` for a valid bearer token, else ``addr:<remote address>``."""
-    token = _presented_token()
-    if token:
-        valid = False
-        for candidate in tokens:
-            valid |= hmac.compare_digest(candidate.encode(), token.encode())
-        if valid:
-            return "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
-    return f"addr:{request.remote_addr or 'unknown'}"
+def rate_limit_key() -> str:
+    """``project:<id>`` for a valid client token, ``token:<sha256 prefix>`` for an admin
+    token, else ``addr:<remote address>``."""
+    try:
+        principal = current_principal()
+    except SQLAlchemyError:
+        # The database is down: the request fails in auth; count it by address meanwhile.
+        principal = None
+    if principal is None:
+        return f"addr:{request.remote_addr or 'unknown'}"
+    if principal.project_id is None:
+        return f"token:{principal.fingerprint}"
+    return f"project:{principal.project_id}"
 
 
 def _exempt() -> bool:
@@ -52,22 +50,21 @@ def _keep_retry_after_for_throttling(response: Response) -> Response:
 
 
 def init_limiter(app: Flask, settings: Settings) -> Limiter | None:
-    """Limit ``/v1/*`` (except callbacks) to ``MOTIONHOOK_RATELIMIT`` per token."""
+    """Limit ``/v1/*`` (except callbacks) to ``MOTIONHOOK_RATELIMIT`` per project."""
     if settings.ratelimit.strip().lower() in DISABLED:
         return None
-    tokens = settings.api_tokens
     # Registered before the limiter, so it runs after the limiter's own after_request.
     app.after_request(_keep_retry_after_for_throttling)
     limit = ApplicationLimit(
         settings.ratelimit,
-        key_function=lambda: rate_limit_key(tokens),
+        key_function=rate_limit_key,
         error_message=(
-            f"rate limit exceeded ({settings.ratelimit} per token); retry after the number "
+            f"rate limit exceeded ({settings.ratelimit} per project); retry after the number "
             "of seconds in the Retry-After header"
         ),
     )
     limiter = Limiter(
-        lambda: rate_limit_key(tokens),
+        rate_limit_key,
         app=app,
         application_limits=[limit],
         storage_uri=settings.ratelimit_storage_url,

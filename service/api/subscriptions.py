@@ -17,13 +17,14 @@ from schemas.subscriptions import (
     SubscriptionUpdateSchema,
     TestSentSchema,
 )
-from service.api.auth import require_token
+from service.api.auth import client_project, owned, require_client
 from service.api.errors import abort
 from service.extension import services
 from service.models import Subscription
 from service.outbound import TargetRefused, validate_target_url
 from service.subscriptions import (
     WEBHOOK,
+    SubscriptionLimitReached,
     create_subscription,
     recover_failed,
     rotate_secret,
@@ -38,7 +39,7 @@ blp = Blueprint(
     url_prefix="/v1/subscriptions",
     description="Where events are delivered: Slack, Discord or signed webhooks",
 )
-blp.before_request(require_token)
+blp.before_request(require_client)
 SECURITY: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -51,10 +52,7 @@ def check_target(url: str) -> None:
 
 
 def load_subscription(session: Session, subscription_id: str) -> Subscription:
-    sub = session.get(Subscription, subscription_id)
-    if sub is None:
-        abort(404, message=f"subscription {subscription_id} not found")
-    return sub
+    return owned(session, Subscription, subscription_id, "subscription")
 
 
 @blp.post("")
@@ -64,8 +62,17 @@ def load_subscription(session: Session, subscription_id: str) -> Subscription:
 def create(params: dict[str, Any]) -> dict[str, Any]:
     """Subscribe a target to events; webhook targets get their signing secret once."""
     check_target(params["url"])
-    with services().db.transaction() as session:
-        sub = create_subscription(session, params)
+    svc = services()
+    with svc.db.transaction() as session:
+        try:
+            sub = create_subscription(
+                session,
+                client_project(),
+                params,
+                limit=svc.settings.max_subscriptions_per_project,
+            )
+        except SubscriptionLimitReached as exc:
+            abort(409, message=str(exc))
         return subscription_resource(sub, secret=sub.secret)
 
 
@@ -76,7 +83,9 @@ def list_all() -> dict[str, Any]:
     """List subscriptions, newest first."""
     with services().db.transaction() as session:
         subs = session.scalars(
-            select(Subscription).order_by(Subscription.created_at.desc(), Subscription.id)
+            select(Subscription)
+            .where(Subscription.project_id == client_project())
+            .order_by(Subscription.created_at.desc(), Subscription.id)
         )
         return {"items": [subscription_resource(sub) for sub in subs]}
 

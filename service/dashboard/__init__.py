@@ -22,6 +22,7 @@ from flask import (
     Flask,
     Response,
     abort,
+    g,
     redirect,
     render_template,
     request,
@@ -37,16 +38,18 @@ from werkzeug.wrappers import Response as BaseResponse
 from schemas.jobs import EVENT_TYPES, JobCreateSchema
 from schemas.subscriptions import KINDS, SubscriptionCreateSchema
 from schemas.upstream import SUPPORTED_MODELS
-from service.api.auth import token_is_valid
 from service.api.events import open_stream
+from service.bearer import token_hash
 from service.downloads import store_upload
 from service.eventlog import START, read_after
 from service.extension import services
 from service.jobs import create_job, job_resource, list_jobs
 from service.models import Delivery, Job, Subscription, new_id
 from service.outbound import TargetRefused, validate_target_url
+from service.projects import ADMIN, READ, Principal, resolve_token, resolve_token_hash
 from service.subscriptions import (
     WEBHOOK,
+    SubscriptionLimitReached,
     create_subscription,
     get_delivery,
     list_deliveries,
@@ -98,27 +101,46 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.strip().encode()).hexdigest()
+def principal() -> Principal | None:
+    """Whom the session speaks for: it holds the token's hash, resolved on every request."""
+    if "dashboard_principal" not in g:
+        digest = session.get(SESSION_KEY)
+        settings = services().settings
+        found = (
+            resolve_token_hash(
+                services().db,
+                digest,
+                api_tokens=settings.api_tokens,
+                admin_tokens=settings.admin_tokens,
+            )
+            if isinstance(digest, str)
+            else None
+        )
+        g.dashboard_principal = found if found is not None and found.scope != ADMIN else None
+    current: Principal | None = g.dashboard_principal
+    return current
 
 
 def signed_in() -> bool:
-    digest = session.get(SESSION_KEY)
-    if not isinstance(digest, str):
-        return False
-    # The session holds no token, only its hash: compare with each configured token's.
-    return any(
-        hmac.compare_digest(digest, _digest(token)) for token in services().settings.api_tokens
-    )
+    return principal() is not None
+
+
+def project() -> str:
+    current = principal()
+    assert current is not None and current.project_id is not None, "login_required first"
+    return current.project_id
 
 
 def login_required(view: View) -> View:
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not signed_in():
+        current = principal()
+        if current is None:
             if request.method == "GET" and not request.path.endswith("/stream"):
                 return redirect(url_for("dashboard.login"))
             abort(401)
+        if current.scope == READ and request.method != "GET":
+            abort(403, description="this token has the read scope; changes need a write token")
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -159,11 +181,19 @@ def login() -> Any:
 
 @bp.post("/login")
 def login_submit() -> Any:
-    token = request.form.get("token", "")
-    if not token_is_valid(token):
+    token = request.form.get("token", "").strip()
+    settings = services().settings
+    found = resolve_token(
+        services().db, token, api_tokens=settings.api_tokens, admin_tokens=settings.admin_tokens
+    )
+    if found is None:
         return _page("dashboard/login.html", 401, error="That token is not valid.")
+    if found.scope == ADMIN:
+        return _page(
+            "dashboard/login.html", 403, error="Admin tokens own no project: use a project's token."
+        )
     session.clear()
-    session[SESSION_KEY] = _digest(token)
+    session[SESSION_KEY] = token_hash(token)
     return redirect(url_for("dashboard.jobs"))
 
 
@@ -181,7 +211,7 @@ def logout() -> BaseResponse:
 def jobs() -> Any:
     svc = services()
     with svc.db.transaction() as db_session:
-        rows, _cursor = list_jobs(db_session, status=None, limit=PAGE, cursor=None)
+        rows, _cursor = list_jobs(db_session, project(), status=None, limit=PAGE, cursor=None)
         items = [job_resource(job, svc.media_url) for job in rows]
     return _page("dashboard/jobs.html", jobs=items, models=SUPPORTED_MODELS)
 
@@ -201,7 +231,13 @@ def submit_job() -> Any:
     except (ValidationError, ValueError) as exc:
         return _error_on_jobs(exc)
     with svc.db.transaction() as db_session:
-        create_job(db_session, svc.db, {**params, "image_key": stored.key}, job_id=job_id)
+        create_job(
+            db_session,
+            svc.db,
+            {**params, "image_key": stored.key},
+            project_id=project(),
+            job_id=job_id,
+        )
     return redirect(url_for("dashboard.job", job_id=job_id))
 
 
@@ -209,7 +245,7 @@ def _error_on_jobs(exc: Exception) -> Any:
     message = _message(exc)
     svc = services()
     with svc.db.transaction() as db_session:
-        rows, _cursor = list_jobs(db_session, status=None, limit=PAGE, cursor=None)
+        rows, _cursor = list_jobs(db_session, project(), status=None, limit=PAGE, cursor=None)
         items = [job_resource(job, svc.media_url) for job in rows]
     return _page("dashboard/jobs.html", 422, jobs=items, models=SUPPORTED_MODELS, error=message)
 
@@ -228,12 +264,12 @@ def job(job_id: str) -> Any:
     svc = services()
     with svc.db.transaction() as db_session:
         found = db_session.get(Job, job_id)
-        if found is None:
+        if found is None or found.project_id != project():
             abort(404)
         resource = job_resource(found, svc.media_url)
         timeline = read_after(db_session, START, limit=200, job_id=job_id).events
         deliveries, _cursor = list_deliveries(
-            db_session, filters={"job_id": job_id}, limit=PAGE, cursor=None
+            db_session, project(), filters={"job_id": job_id}, limit=PAGE, cursor=None
         )
     return _page("dashboard/job.html", job=resource, timeline=timeline, deliveries=deliveries)
 
@@ -241,13 +277,13 @@ def job(job_id: str) -> Any:
 @bp.get("/events/stream")
 @login_required
 def events_stream() -> Response:
-    return open_stream(after=None, event_type=None, job_id=None, until_terminal=False)
+    return open_stream(project(), after=None, event_type=None, job_id=None, until_terminal=False)
 
 
 @bp.get("/jobs/<string:job_id>/stream")
 @login_required
 def job_stream(job_id: str) -> Response:
-    return open_stream(after=START, event_type=None, job_id=job_id, until_terminal=True)
+    return open_stream(project(), after=START, event_type=None, job_id=job_id, until_terminal=True)
 
 
 # -- deliveries -------------------------------------------------------------
@@ -257,7 +293,7 @@ def job_stream(job_id: str) -> Response:
 @login_required
 def deliveries() -> Any:
     with services().db.transaction() as db_session:
-        items, _cursor = list_deliveries(db_session, filters={}, limit=PAGE, cursor=None)
+        items, _cursor = list_deliveries(db_session, project(), filters={}, limit=PAGE, cursor=None)
     return _page("dashboard/deliveries.html", deliveries=items)
 
 
@@ -272,7 +308,7 @@ def delivery(delivery_id: str) -> Any:
 
 def _delivery(delivery_id: str) -> dict[str, Any]:
     with services().db.transaction() as db_session:
-        resource = get_delivery(db_session, delivery_id)
+        resource = get_delivery(db_session, project(), delivery_id)
     if resource is None:
         abort(404)
     return resource
@@ -284,13 +320,13 @@ def retry(delivery_id: str) -> Any:
     svc = services()
     with svc.db.transaction() as db_session:
         found = db_session.get(Delivery, delivery_id, with_for_update=True)
-        if found is None:
+        if found is None or found.project_id != project():
             abort(404)
         if found.subscription_id and not _enabled(db_session, found.subscription_id):
             return _page(
                 "dashboard/delivery.html",
                 409,
-                delivery=get_delivery(db_session, delivery_id),
+                delivery=get_delivery(db_session, project(), delivery_id),
                 error="The subscription is disabled; enable it first.",
             )
         retry_delivery(db_session, svc.db, found)
@@ -308,7 +344,9 @@ def _enabled(db_session: Session, subscription_id: str) -> bool:
 def _subscriptions_page(status: int = 200, **context: Any) -> Any:
     with services().db.transaction() as db_session:
         subs = db_session.scalars(
-            select(Subscription).order_by(Subscription.created_at.desc(), Subscription.id)
+            select(Subscription)
+            .where(Subscription.project_id == project())
+            .order_by(Subscription.created_at.desc(), Subscription.id)
         )
         items = [subscription_resource(sub) for sub in subs]
     return _page(
@@ -341,9 +379,15 @@ def create() -> Any:
         validate_target_url(params["url"], allow_private=services().settings.allow_private_targets)
     except (ValidationError, TargetRefused) as exc:
         return _subscriptions_page(422, error=_message(exc))
-    with services().db.transaction() as db_session:
-        sub = create_subscription(db_session, params)
-        shown = subscription_resource(sub, secret=sub.secret)
+    settings = services().settings
+    try:
+        with services().db.transaction() as db_session:
+            sub = create_subscription(
+                db_session, project(), params, limit=settings.max_subscriptions_per_project
+            )
+            shown = subscription_resource(sub, secret=sub.secret)
+    except SubscriptionLimitReached as exc:
+        return _subscriptions_page(409, error=str(exc))
     return _subscriptions_page(201, notice="Subscription created.", secret_of=shown)
 
 
@@ -353,7 +397,7 @@ def _with_subscription(
     svc = services()
     with svc.db.transaction() as db_session:
         sub = db_session.get(Subscription, subscription_id)
-        if sub is None:
+        if sub is None or sub.project_id != project():
             abort(404)
         context = action(db_session, sub)
     status = 409 if "error" in context else 200

@@ -10,9 +10,8 @@
   ``invalid_token``, ``team_disabled``; Discord 401 and 404 (unknown webhook).
 - ``failed``: any other 4xx, redirects (never followed) and refused targets.
 
-:func:`next_attempt_delay` turns the retry schedule into a jittered delay and
-:func:`pacing_delay` tells how long to wait before the next message to the same
-subscription (Slack allows about one message per second per webhook).
+:func:`pacing_delay` tells how long a receiver asks us to wait before the next
+message to the same subscription. Retry timing itself is ``service.retry``.
 """
 
 from __future__ import annotations
@@ -21,14 +20,12 @@ import functools
 import http.client
 import json
 import math
-import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from http import HTTPStatus
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -39,13 +36,9 @@ from urllib3.exceptions import NameResolutionError
 
 from service.notifiers import Message
 from service.outbound import TargetRefused
+from service.retry import retry_after_field, retry_after_header
 
-DEFAULT_SCHEDULE: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-JITTER = 0.2
 EXCERPT_BYTES = 1024
-# A receiver cannot push a retry further out than this.
-MAX_RETRY_AFTER = 24 * 3600.0
-SLACK_PACING = 1.0
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 SLACK_PERMANENT_ERRORS = frozenset(
@@ -91,43 +84,6 @@ class AttemptResult:
     pacing: float
 
 
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """Parse ``"5,300,1800"`` into seconds, raising ValueError naming the bad item."""
-    items = [item.strip() for item in text.split(",")]
-    if items == [""]:
-        raise ValueError("retry schedule is empty")
-    schedule = []
-    for position, item in enumerate(items, start=1):
-        try:
-            seconds = float(item)
-        except ValueError:
-            seconds = math.nan
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError(
-                f"retry schedule item {position} ({item!r}) is not a non-negative number of seconds"
-            )
-        schedule.append(seconds)
-    return tuple(schedule)
-
-
-def next_attempt_delay(
-    schedule: Sequence[float],
-    attempt_number: int,
-    *,
-    retry_after: float | None,
-    rng: random.Random,
-) -> float | None:
-    """Return seconds until the next attempt after ``attempt_number`` attempts, or None."""
-    if attempt_number < 1:
-        raise ValueError("attempt_number counts attempts already made and starts at 1")
-    if attempt_number > len(schedule):
-        return None
-    delay = schedule[attempt_number - 1] * rng.uniform(1 - JITTER, 1 + JITTER)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
-
-
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     """Return ``headers`` with lower-case names."""
     return {key.lower(): value for key, value in headers.items()}
@@ -144,22 +100,6 @@ def _float(text: str | None) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def _parse_retry_after(value: str, now: datetime) -> float | None:
-    """Return the seconds a ``Retry-After`` value asks for (delta seconds or HTTP date)."""
-    seconds = _float(value)
-    if seconds is not None:
-        return seconds
-    try:
-        when = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
 def _json_object(body: bytes) -> dict[str, Any] | None:
     """Return ``body`` parsed as a JSON object, or None."""
     try:
@@ -172,18 +112,13 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
 def _retry_after(
     kind: str, status: int, headers: Mapping[str, str], body: bytes, now: datetime
 ) -> float | None:
-    """Return the seconds a retryable answer asks us to wait, capped at MAX_RETRY_AFTER."""
-    seconds = None
-    if "retry-after" in headers:
-        seconds = _parse_retry_after(headers["retry-after"], now)
+    """Return the seconds a retryable answer asks us to wait (capped by service.retry)."""
+    seconds = retry_after_header(headers.get("retry-after"), now)
     if seconds is None and kind == "discord" and status == 429:
-        payload = _json_object(body) or {}
-        raw = payload.get("retry_after")
-        if isinstance(raw, int | float) and not isinstance(raw, bool):
-            seconds = _float(str(raw))
-        if seconds is None:
-            seconds = _float(headers.get("x-ratelimit-reset-after"))
-    return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
+        seconds = retry_after_field(_json_object(body)) or retry_after_header(
+            headers.get("x-ratelimit-reset-after")
+        )
+    return seconds
 
 
 def _slack_error(body: bytes) -> str:
@@ -281,14 +216,16 @@ def classify(
 
 
 def pacing_delay(kind: str, status: int | None, headers: Mapping[str, str]) -> float:
-    """Return the minimum seconds before the next message to the same subscription."""
-    if kind == "slack":
-        return SLACK_PACING
+    """Return the seconds a receiver asks us to wait before its next message.
+
+    Only Discord says so (rate-limit headers). Slack's one message a second per
+    webhook is a fixed pace that the claim reserves (``service.delivery``).
+    """
     if kind == "discord":
         lowered = _lower(headers)
         remaining = _float(lowered.get("x-ratelimit-remaining"))
         if remaining == 0:
-            return _float(lowered.get("x-ratelimit-reset-after")) or 0.0
+            return retry_after_header(lowered.get("x-ratelimit-reset-after")) or 0.0
     return 0.0
 
 

@@ -52,7 +52,16 @@ _DEFAULTS = SimulatorKnobs()
     help="retry_after of 429 answers.",
 )
 @click.option(
-    "--max-queued", default=0, show_default=True, help="429 while N jobs process (0: off)."
+    "--max-queued",
+    default=_DEFAULTS.max_queued,
+    show_default=True,
+    help="ModelsLab's queued-request cap: 429 while N jobs process (0: off).",
+)
+@click.option(
+    "--held-slots",
+    default=_DEFAULTS.held_slots,
+    show_default=True,
+    help="Slots of the cap held by another program sharing the account.",
 )
 @click.option("--server-error-next", default=0, show_default=True, help="Next N submits get 500.")
 @click.option(
@@ -84,6 +93,7 @@ def simulate_command(
     rate_limit_next: int,
     rate_limit_retry_after: int,
     max_queued: int,
+    held_slots: int,
     server_error_next: int,
     future_link_404s: int,
     callback_before_response: bool,
@@ -105,6 +115,7 @@ def simulate_command(
                 "rate_limit_next": rate_limit_next,
                 "rate_limit_retry_after": rate_limit_retry_after,
                 "max_queued": max_queued,
+                "held_slots": held_slots,
                 "server_error_next": server_error_next,
                 "future_link_404s": future_link_404s,
                 "callback_before_response": callback_before_response,

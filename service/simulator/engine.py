@@ -171,6 +171,9 @@ class _Stats:
     callbacks_failed: int = 0
     output_downloads: int = 0
     output_404s: int = 0
+    # Generations submitted and not finished, now and at the most (ModelsLab's "queued").
+    outstanding: int = 0
+    max_outstanding: int = 0
     answered: dict[str, Counter[str]] = field(
         default_factory=lambda: {"submit": Counter(), "fetch": Counter()}
     )
@@ -232,6 +235,8 @@ class Simulator:
                 "callbacks_failed": stats.callbacks_failed,
                 "output_downloads": stats.output_downloads,
                 "output_404s": stats.output_404s,
+                "outstanding": stats.outstanding,
+                "max_outstanding": stats.max_outstanding,
                 "answered": {kind: dict(counts) for kind, counts in stats.answered.items()},
                 "http_statuses": {
                     kind: dict(counts) for kind, counts in stats.http_statuses.items()
@@ -313,9 +318,13 @@ class Simulator:
 
     def _submit(self, body: object, base_url: str) -> Reply:
         params = self._load(body, IMG2VIDEO_REQUEST)
-        self._inject_fault()
-        image = self._download_image(params["init_image"])
-        job = self._create_job(params, image, base_url)
+        self._inject_fault()  # on success, one queued slot is reserved for this submit
+        try:
+            image = self._download_image(params["init_image"])
+            job = self._create_job(params, image, base_url)
+        except BaseException:
+            self._release_slot()
+            raise
         knobs = job.knobs
         logger.info(
             "simulator accepted job %s", job.id, extra={"job_id": job.id, "track_id": job.track_id}
@@ -361,17 +370,22 @@ class Simulator:
                 raise UpstreamError(
                     429, RATE_LIMIT_MESSAGE, retry_after=knobs.rate_limit_retry_after
                 )
-            if knobs.max_queued:
-                queued = sum(job.status == "processing" for job in self._jobs.values())
-                if queued >= knobs.max_queued:
-                    raise UpstreamError(
-                        429,
-                        f"Rate limit exceeded. Maximum {knobs.max_queued} queued requests allowed.",
-                        retry_after=knobs.rate_limit_retry_after,
-                    )
+            if knobs.max_queued and self._stats.outstanding + knobs.held_slots >= knobs.max_queued:
+                raise UpstreamError(
+                    429,
+                    f"Rate limit exceeded. Maximum {knobs.max_queued} queued requests allowed.",
+                    retry_after=knobs.rate_limit_retry_after,
+                )
             if knobs.error_next:
                 knobs.error_next -= 1
                 raise UpstreamError(200, "Failed to queue the request (simulated upstream error)")
+            stats = self._stats
+            stats.outstanding += 1
+            stats.max_outstanding = max(stats.max_outstanding, stats.outstanding)
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._stats.outstanding = max(0, self._stats.outstanding - 1)
 
     def _download_image(self, url: str) -> bytes:
         """Fetch ``init_image`` the way ModelsLab does: no redirects, errors as HTTP 200."""
@@ -501,6 +515,8 @@ class Simulator:
         with self._lock:
             job.status = "failed" if job.failure else "success"
             job.generation_time = round(time.monotonic() - job.submitted_at, 3)
+            if not job.cancelled.is_set():  # a reset has zeroed the count already
+                self._stats.outstanding = max(0, self._stats.outstanding - 1)
 
     def _send_callbacks(self, job: Job) -> None:
         if job.knobs.drop_callback or not job.webhook:

@@ -38,7 +38,9 @@ class SimulatorKnobs:
     #: The ``retry_after`` of simulated 429 answers, in seconds.
     rate_limit_retry_after: int = 1
     #: Answer 429 while this many jobs are processing, like ModelsLab's queue limit (0: off).
-    max_queued: int = 0
+    max_queued: int = 5
+    #: Slots of that limit held by another program sharing the account.
+    held_slots: int = 0
     #: The next N submits answer HTTP 500.
     server_error_next: int = 0
     #: The first N requests of each output answer 404 (future links not ready yet).
@@ -77,6 +79,7 @@ class KnobsSchema(Schema):
     rate_limit_next = fields.Integer(strict=True, validate=_NON_NEGATIVE)
     rate_limit_retry_after = fields.Integer(strict=True, validate=_NON_NEGATIVE)
     max_queued = fields.Integer(strict=True, validate=_NON_NEGATIVE)
+    held_slots = fields.Integer(strict=True, validate=_NON_NEGATIVE)
     server_error_next = fields.Integer(strict=True, validate=_NON_NEGATIVE)
     future_link_404s = fields.Integer(strict=True, validate=_NON_NEGATIVE)
     callback_before_response = fields.Boolean()

@@ -1,7 +1,7 @@
 """event positions: a gap-free order for the events API and live streams
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-01 21:50:00
 
 ``seq`` counts inserts. On PostgreSQL ``txid`` is the inserting transaction's
@@ -12,8 +12,8 @@ SQLite, whose single writer commits in insert order, it stays 0.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
@@ -26,7 +26,6 @@ POSTGRESQL = (
     "SELECT setval('events_seq_seq', (SELECT coalesce(max(seq), 0) + 1 FROM events), false)",
     """ALTER TABLE events
       ALTER COLUMN seq SET DEFAULT nextval('events_seq_seq'),
-      ALTER COLUMN seq SET NOT NULL,
       ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint),
       ALTER COLUMN txid SET NOT NULL""",
 )
@@ -57,6 +56,7 @@ def downgrade() -> None:
     op.drop_index("ix_events_position", table_name="events")
     if op.get_bind().dialect.name == "sqlite":
         op.execute(sa.text("DROP TRIGGER events_seq"))
-    with op.batch_alter_table("events") as batch_op:
-        batch_op.drop_column("txid")
-        batch_op.drop_column("seq")
+    # Plain ALTER TABLE on both engines: a batch copy of events would trip the
+    # foreign keys of deliveries on SQLite.
+    op.execute(sa.text("ALTER TABLE events DROP COLUMN txid"))
+    op.execute(sa.text("ALTER TABLE events DROP COLUMN seq"))
