@@ -25,13 +25,17 @@ account that another program shares:
    program sees at most one 429 per ``retry_after`` window, and far fewer once
    the cap has settled on what ModelsLab takes.
 
-Waiting jobs are taken first in, first out. ``MOTIONHOOK_QUEUE_TIMEOUT`` bounds
-the wait: a job that never reached ModelsLab fails with ``queue_timeout``.
+Waiting jobs are taken fairly across projects, first in first out within each:
+the next slot goes to the project holding the fewest, so one project's batch of
+500 holds back another's single job by at most one slot turnover.
+``MOTIONHOOK_QUEUE_TIMEOUT`` bounds the wait: a job that never reached ModelsLab
+fails with ``queue_timeout``.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -105,6 +109,26 @@ def release_slot(session: Session, db: Database, job: Job) -> None:
         db.notify(session)
 
 
+def _slots_by_project() -> Any:
+    """Slots each project holds now."""
+    return (
+        select(Job.project_id, func.count().label("held"))
+        .where(Job.upstream_slot_since.is_not(None))
+        .group_by(Job.project_id)
+        .subquery()
+    )
+
+
+def _turn(held: Any) -> Any:
+    """A waiting job's turn: its place in its project's line plus the slots the project holds.
+
+    Slots go to the lowest turn, oldest job first: a project with nothing at ModelsLab
+    goes before one that holds every slot, however long that one's line is.
+    """
+    place = func.row_number().over(partition_by=Job.project_id, order_by=(Job.created_at, Job.id))
+    return (place + func.coalesce(held.c.held, 0)).label("turn")
+
+
 def claim_submits(
     session: Session,
     db: Database,
@@ -131,19 +155,33 @@ def claim_submits(
         allowed = min(limit, free_slots(state, in_use, max_queued, now))
     if allowed <= 0:
         return []
+    # Round-robin across projects, first in first out within each (see _turn). A
+    # window function cannot be locked FOR UPDATE: the order is read, then rows locked.
+    held = _slots_by_project()
+    due = (
+        select(Task.id, Job.created_at, Job.id.label("job_id"), _turn(held))
+        .join(Job, Job.id == Task.job_id)
+        .outerjoin(held, held.c.project_id == Job.project_id)
+        .where(Task.kind == "submit", Task.due_at <= now)
+        .subquery()
+    )
+    order = (due.c.turn, due.c.created_at, due.c.job_id)
+    picked = list(session.scalars(select(due.c.id).order_by(*order).limit(allowed)))
+    if not picked:
+        return []
     query = (
         select(Task, Job)
         .join(Job, Job.id == Task.job_id)
-        .where(Task.kind == "submit", Task.due_at <= now)
-        .order_by(Job.created_at, Job.id)
-        .limit(allowed)
+        .where(Task.id.in_(picked), Task.due_at <= now)
     )
     if not db.is_sqlite:
         # Both rows, skipping any that another transaction holds: a callback locks the
         # job and then deletes its tasks, so waiting on either here could deadlock.
         query = query.with_for_update(of=(Task, Job), skip_locked=True)
+    rank = {task_id: place for place, task_id in enumerate(picked)}
+    rows = sorted(session.execute(query).tuples(), key=lambda row: rank[row[0].id])
     claimed = []
-    for task, job in session.execute(query).tuples():
+    for task, job in rows:
         task.due_at = now + timedelta(seconds=lease)
         task.lease_owner = owner
         task.attempts += 1
@@ -219,17 +257,32 @@ def fail_overdue_in_queue(
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """1-based place of a job among those waiting for a slot; None when it is not waiting."""
+    """1-based place of a job among those waiting for a slot; None when it is not waiting.
+
+    In the order slots are handed out: round-robin across projects, oldest first in
+    each (a job that waits for a retry after a transient error may go a little later).
+    """
     if job.status != JobStatus.QUEUED or job.upstream_slot_since is not None:
         return None
+    held = _slots_by_project()
+    waiting = (
+        select(Job.id, Job.created_at, _turn(held))
+        .outerjoin(held, held.c.project_id == Job.project_id)
+        .where(Job.status == JobStatus.QUEUED, Job.upstream_slot_since.is_(None))
+        .subquery()
+    )
+    mine = select(waiting.c.turn).where(waiting.c.id == job.id).scalar_subquery()
     ahead = session.scalar(
         select(func.count())
-        .select_from(Job)
+        .select_from(waiting)
         .where(
-            Job.status == JobStatus.QUEUED,
-            Job.upstream_slot_since.is_(None),
-            (Job.created_at < job.created_at)
-            | and_(Job.created_at == job.created_at, Job.id < job.id),
+            (waiting.c.turn < mine)
+            | and_(waiting.c.turn == mine, waiting.c.created_at < job.created_at)
+            | and_(
+                waiting.c.turn == mine,
+                waiting.c.created_at == job.created_at,
+                waiting.c.id < job.id,
+            )
         )
     )
     return (ahead or 0) + 1

@@ -104,3 +104,34 @@ def test_the_queue_timeout_fails_only_jobs_that_never_reached_modelslab(
     completed = settle(stack, first["id"], "completed", timeout=DEADLINE)
     assert completed["error"] is None
     assert sim_stats(stack)["submits"] == 1
+
+
+def test_another_projects_single_job_starts_within_one_turnover(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = start(make_stack, "--delay", "1.5", MOTIONHOOK_ADMIN_TOKENS="admin-token-for-tests")
+    admin = {"Authorization": "Bearer admin-token-for-tests"}
+    api = stack.api()
+    project = api.post(f"{stack.web_url}/v1/projects", json={"name": "other"}, headers=admin)
+    assert project.status_code == 201, project.text
+    token = api.post(
+        f"{stack.web_url}/v1/projects/{project.json()['id']}/tokens",
+        json={"scope": "write"},
+        headers=admin,
+    )
+    assert token.status_code == 201, token.text
+    batch = [submit(stack) for _ in range(4 * CAP)]
+    other = api.post(
+        f"{stack.web_url}/v1/jobs",
+        json={"init_image": f"{stack.sim_url}/_sim/sample.png", "width": 128, "height": 128},
+        headers={"Authorization": f"Bearer {token.json()['token']}"},
+    )
+    assert other.status_code == 202, other.text
+    all_settled(stack, [job["id"] for job in batch])
+    rows = query(
+        stack,
+        "SELECT id, submitted_at FROM jobs WHERE submitted_at IS NOT NULL ORDER BY submitted_at",
+    )
+    order = [row.id for row in rows]
+    # When it arrived the batch held every slot: the next slot to free was its.
+    assert order.index(other.json()["id"]) <= CAP + 1
