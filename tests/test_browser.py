@@ -72,8 +72,7 @@ def page(browser: Browser, blocked: list[str]) -> Iterator[Page]:
 
 @pytest.fixture
 def stack(make_stack: Callable[..., Stack]) -> Iterator[Stack]:
-    # No automatic retries: a failed delivery stays failed until the retry button.
-    stack = make_stack(MOTIONHOOK_RETRY_SCHEDULE="")
+    stack = make_stack()
     stack.start_all()
     yield stack
 
@@ -108,6 +107,7 @@ def test_upload_watch_the_job_complete_live_and_play_the_video(
 
 
 def test_a_failed_delivery_turns_delivered_with_the_retry_button(page: Page, stack: Stack) -> None:
+    # A 400 fails the delivery for good (no automatic retry): only the button sends it again.
     sink = Sink(lambda n, _r: (400, {}, b"not yet") if n == 1 else (200, {}, b"ok"))
     try:
         api = stack.api()

@@ -84,6 +84,17 @@ def test_unknown_cursor_and_type_are_422_naming_the_field(
     assert "type" in response.json["message"]
 
 
+def test_bad_stream_inputs_are_422_naming_the_field(
+    client: FlaskClient, auth: dict[str, str]
+) -> None:
+    response = client.get("/v1/events/stream?type=job.exploded", headers=auth)
+    assert response.status_code == 422 and "type" in response.json["message"]
+    response = client.get("/v1/events/stream", headers={**auth, "Last-Event-ID": "evt_nope"})
+    assert response.status_code == 422
+    assert response.json["message"].startswith("Last-Event-ID:")
+    assert client.get("/v1/jobs/job_nope/stream", headers=auth).status_code == 404
+
+
 def test_events_require_a_token(client: FlaskClient) -> None:
     assert client.get("/v1/events").status_code == 401
     assert client.get("/v1/events/stream").status_code == 401
