@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make run PORT=8001 SIMULATOR_PORT=8011 when 8000 or 8010 are taken.
+PORT ?= 8000
+SIMULATOR_PORT ?= 8010
 
 .PHONY: install run test lint bench clean
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/motionhook dev
+	$(BIN)/motionhook dev --port $(PORT) --simulator-port $(SIMULATOR_PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

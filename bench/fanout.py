@@ -80,6 +80,8 @@ def build_backlog(running: Stack, sink: Sink, jobs: int) -> int:
                 callback_grace=services.settings.callback_grace,
                 job_timeout=services.settings.job_timeout,
                 media_url=services.media_url,
+                api_key=services.settings.modelslab_api_key,
+                max_per_job=services.settings.max_callbacks_per_job,
             )
             assert outcome.outcome == "applied", outcome
         with db.transaction() as session:

@@ -23,14 +23,27 @@ if not os.environ.get(MULTIPROC_ENV):
 
 bind = os.environ.get("GUNICORN_BIND", f"0.0.0.0:{os.environ.get('PORT', '8000')}")
 workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count() * 2)))
+# gevent: every connection is a greenlet, so slow clients (a body trickled a byte at a
+# time, an open event stream) cost a socket each, not a thread. Measured on loopback:
+# 200 such connections stopped /healthz answering for as long as they lasted under
+# gthread (4 workers x 4 threads: each trickling client holds a thread until its body
+# is read); under gevent /healthz kept answering within 0.2 s, and within 1.4 s with
+# 800 (README "Security"; tests/test_e2e_slow_clients.py). Reading a request's
+# headers is bounded by ``keepalive`` seconds; a body is read as the app asks for it.
+# psycopg 3 (>= 3.1.14) and requests cooperate with gevent once gunicorn has patched
+# the standard library in each worker.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+# Open connections per worker (gevent), slow ones and event streams included; beyond
+# it a worker stops accepting until one closes.
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+# Only for GUNICORN_WORKER_CLASS=gthread.
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-# Load the app once in the master and fork the workers from it: they start serving
-# at once instead of each importing the app at the same time (a cold start of about
-# 0.85 s instead of 1.3-1.5 s on 2 cores; see docs/performance.md), and they share
-# the imported code's memory. create_app opens no connections, so nothing is
-# shared across the fork. A code change needs a restart, not a HUP.
-preload_app = os.environ.get("GUNICORN_PRELOAD", "1") == "1"
-worker_class = "gthread"
+# With gthread, load the app once in the master and fork the workers from it (a cold
+# start of about 0.85 s instead of 1.3-1.5 s on 2 cores). Not with gevent: gunicorn
+# monkey-patches the standard library in each worker after the fork, so an app loaded
+# before it would keep unpatched threads and locks (Flask-Limiter's timer thread
+# breaks after the fork). A code change needs a restart, not a HUP.
+preload_app = os.environ.get("GUNICORN_PRELOAD", "0" if worker_class == "gevent" else "1") == "1"
 # An event stream (GET /v1/events/stream) holds a gthread thread for as long as it is
 # open: by default let streams take at most half of them, so requests always find one.
 if worker_class == "gthread":

@@ -10,16 +10,34 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    pre_load,
     validate,
     validates,
     validates_schema,
 )
 
+from schemas.strict_json import find_problems
 from schemas.upstream import SUPPORTED_MODELS, Img2VideoParams
 
 JOB_STATUSES = ("queued", "processing", "completed", "failed")
 EVENT_TYPES = ("job.processing", "job.completed", "job.failed")
 MAX_METADATA_BYTES = 4096
+MAX_INIT_IMAGE_LENGTH = 2048
+
+
+class BoundedUrl(fields.Url):
+    """A URL whose length is checked first: the URL pattern is slow on megabytes of host."""
+
+    def __init__(self, *, max_length: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and len(value) > self.max_length:
+            raise ValidationError(f"must be at most {self.max_length} characters")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 # Served by every motionhook (``service/static``), so examples work against ``make run``.
 SAMPLE_IMAGE_URL = "http://127.0.0.1:8000/static/sample.png"
 
@@ -30,12 +48,14 @@ class JobCreateSchema(Img2VideoParams):
     class Meta:
         unknown = RAISE
 
-    init_image = fields.Url(
+    init_image = BoundedUrl(
         schemes={"http", "https"},
         require_tld=False,
+        max_length=MAX_INIT_IMAGE_LENGTH,
         metadata={
             "description": "The picture to animate: an http(s) URL ModelsLab can fetch without "
-            "redirects. Or send a multipart form with the file in field `image` instead.",
+            "redirects (at most 2,048 characters). Or send a multipart form with the file in "
+            "field `image` instead.",
             "example": SAMPLE_IMAGE_URL,
         },
     )
@@ -73,6 +93,15 @@ class JobCreateSchema(Img2VideoParams):
             "example": {"order": "1234"},
         },
     )
+
+    @pre_load
+    def _refuse_unstorable(self, data: Any, **_kwargs: Any) -> Any:
+        """Refuse NUL characters and non-finite numbers in any field (multipart forms too)."""
+        if isinstance(data, dict):
+            problems = find_problems(data)
+            if problems:
+                raise ValidationError({path: [reason] for path, reason in problems.items()})
+        return data
 
     @validates("metadata")
     def _metadata_size(self, value: dict[str, Any], **_kwargs: Any) -> None:

@@ -10,6 +10,8 @@ from schemas.jobs import EVENT_TYPES
 
 KINDS = ("slack", "discord", "webhook")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
+# A subscription may name every event type (DESIGN §3); by default it gets the job events.
+SUBSCRIPTION_EVENT_TYPES = (*EVENT_TYPES, "test.ping")
 
 URL_DOC = {
     "description": "Receiver URL (Slack/Discord incoming-webhook URL, or your endpoint). "
@@ -28,7 +30,9 @@ ENABLED_DOC = {
 }
 
 _event_type = fields.String(
-    validate=validate.OneOf(EVENT_TYPES, error="must be one of: " + ", ".join(EVENT_TYPES))
+    validate=validate.OneOf(
+        SUBSCRIPTION_EVENT_TYPES, error="must be one of: " + ", ".join(SUBSCRIPTION_EVENT_TYPES)
+    )
 )
 
 

@@ -8,6 +8,7 @@ and ``track_id`` at the top level or inside ``meta``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -16,6 +17,9 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, pre
 
 SUPPORTED_MODELS = ("wan2.2", "ltx-2.3")
 OUTPUT_TYPES = ("mp4", "gif")
+# Seconds beyond which an eta, retry_after or generationTime is nonsense: such a value
+# is dropped (as if absent) rather than overflowing the date arithmetic built on it.
+MAX_SECONDS = 366 * 24 * 3600
 
 
 class UpstreamStatus(StrEnum):
@@ -125,8 +129,8 @@ class UpstreamResponse(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    status = fields.String(required=True, validate=validate.Length(min=1, max=32))
-    id = fields.String(allow_none=True)
+    status = fields.String(required=True, validate=validate.Length(min=1, max=16))
+    id = fields.String(allow_none=True, validate=validate.Length(max=64))
     output = _Flexible(load_default=list)
     future_links = _Flexible(load_default=list)
     eta = fields.Float(allow_none=True)
@@ -141,8 +145,11 @@ class UpstreamResponse(Schema):
         if not isinstance(data, dict):
             raise ValidationError("body must be a JSON object")
         data = dict(data)
-        if isinstance(data.get("id"), int | float) and not isinstance(data.get("id"), bool):
-            data["id"] = str(int(data["id"]))
+        upstream_id = data.get("id")
+        if isinstance(upstream_id, int | float) and not isinstance(upstream_id, bool):
+            if not math.isfinite(upstream_id):
+                raise ValidationError("must be a finite number", "id")
+            data["id"] = str(int(upstream_id))
         if "message" not in data and "messege" in data:
             data["message"] = data["messege"]
         for name in ("message", "fetch_result", "track_id"):
@@ -152,7 +159,12 @@ class UpstreamResponse(Schema):
         if not data.get("track_id") and isinstance(meta, dict) and meta.get("track_id"):
             data["track_id"] = str(meta["track_id"])
         for name in ("eta", "retry_after", "generationTime"):
-            if not isinstance(data.get(name), int | float) or isinstance(data.get(name), bool):
+            value = data.get(name)
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not 0 <= value <= MAX_SECONDS
+            ):
                 data.pop(name, None)
         status = data.get("status")
         data["status"] = str(status).strip().lower() if status is not None else status

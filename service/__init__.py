@@ -23,7 +23,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the web application: config, services, logging, the HTTP API."""
     from flask import Flask
 
-    from service.api import register_api
+    from service.api import inputs, register_api
     from service.observability import init_app as init_observability
 
     config = load_config(test_config)
@@ -34,4 +34,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["motionhook"] = Services.build(settings)
     init_observability(app, settings)
     register_api(app)
+    inputs.init_app(app)
     return app

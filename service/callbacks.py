@@ -10,20 +10,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from dataclasses import dataclass
 from typing import Any, cast
 
 from marshmallow import ValidationError
-from sqlalchemy import Table, insert
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
+from schemas import strict_json
 from schemas.upstream import UPSTREAM_RESPONSE, UpstreamResult
 from service.db import Database
 from service.jobs import IGNORED, MediaUrl, apply_upstream_result
 from service.models import CallbackRecord, Job, utcnow
+from service.upstream import redact_api_key
 
 MALFORMED, UNKNOWN_JOB, MISMATCH = "malformed", "unknown_job", "mismatch"
+# More callbacks than MOTIONHOOK_MAX_CALLBACKS_PER_JOB for one job: answered 200, not kept.
+OVER_CAP = "over_cap"
+CALLBACK = "callback"
 CALLBACKS = cast(Table, CallbackRecord.__table__)
 INSERT_CALLBACK = insert(CALLBACKS)
 
@@ -61,9 +65,15 @@ class CallbackOutcome:
 
 
 def parse_callback(raw: bytes) -> UpstreamResult:
-    """Parse a callback body, raising ``ValueError`` with a reason when it is malformed."""
+    """Parse a callback body, raising ``ValueError`` with a reason when it is malformed.
+
+    Parsing is strict (:mod:`schemas.strict_json`): ``"id": 1e309``, ``NaN``, a NUL
+    or a deeply nested body is malformed, not a crash.
+    """
     try:
-        data: Any = json.loads(raw)
+        data: Any = strict_json.loads(raw)
+    except strict_json.JSONRejected as exc:
+        raise ValueError(f"body refused: {exc.message}") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError("body is not valid JSON") from exc
     try:
@@ -71,6 +81,19 @@ def parse_callback(raw: bytes) -> UpstreamResult:
     except ValidationError as exc:
         raise ValueError(f"body is not a ModelsLab result: {exc.messages}") from exc
     return result
+
+
+def storable_text(raw: bytes) -> str:
+    """The body as text any database keeps: bad UTF-8 as ``\\xNN``, NUL as ``\\x00``.
+
+    PostgreSQL ``text`` refuses NUL; the escapes keep every byte visible for forensics.
+    """
+    return raw.decode("utf-8", errors="backslashreplace").replace("\x00", "\\x00")
+
+
+def _callbacks_stored(session: Session, job_id: str) -> int:
+    query = select(func.count()).where(CALLBACKS.c.job_id == job_id, CALLBACKS.c.source == CALLBACK)
+    return int(session.connection().execute(query).scalar_one())
 
 
 def _record(
@@ -83,7 +106,7 @@ def _record(
             "job_id": job_id,
             "received_at": utcnow(),
             "source": source,
-            "body": raw.decode("utf-8", errors="replace"),
+            "body": storable_text(raw),
             "outcome": outcome,
             "detail": detail,
         },
@@ -98,22 +121,36 @@ def receive_callback(
     callback_grace: float,
     job_timeout: float,
     media_url: MediaUrl,
+    api_key: str,
+    max_per_job: int,
 ) -> CallbackOutcome:
-    """Store an authenticated callback verbatim and apply it, all in one transaction."""
+    """Store an authenticated callback and apply it, all in one transaction.
+
+    The body is kept verbatim except for the ModelsLab key, which is cut out before
+    anything stores or parses it (an error message may echo it). Beyond
+    ``max_per_job`` stored callbacks of one job, further ones are answered 200 and
+    neither stored nor applied: ModelsLab must not retry them, and reconciliation
+    (the fetch fallback) still completes a job that is somehow still waiting.
+    """
+    raw = redact_api_key(raw, api_key)
     try:
-        result = parse_callback(raw)
+        result: UpstreamResult | None = parse_callback(raw)
+        problem = ""
     except ValueError as exc:
-        with db.transaction() as session:
-            _record(session, job_id, raw, "callback", MALFORMED, str(exc))
-        return CallbackOutcome(400, MALFORMED, str(exc))
+        result, problem = None, str(exc)
     with db.transaction() as session:
+        if _callbacks_stored(session, job_id) >= max_per_job:
+            return CallbackOutcome(200, OVER_CAP, f"more than {max_per_job} callbacks; ignored")
+        if result is None:
+            _record(session, job_id, raw, CALLBACK, MALFORMED, problem)
+            return CallbackOutcome(400, MALFORMED, problem)
         if result.track_id and result.track_id != job_id:
             message = "track_id in the body does not match the callback URL"
-            _record(session, job_id, raw, "callback", MISMATCH, message)
+            _record(session, job_id, raw, CALLBACK, MISMATCH, message)
             return CallbackOutcome(400, MISMATCH, message)
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
-            _record(session, job_id, raw, "callback", UNKNOWN_JOB, None)
+            _record(session, job_id, raw, CALLBACK, UNKNOWN_JOB, None)
             return CallbackOutcome(200, UNKNOWN_JOB, "no such job; recorded")
         outcome = apply_upstream_result(
             session,
@@ -124,7 +161,7 @@ def receive_callback(
             job_timeout=job_timeout,
             media_url=media_url,
         )
-        _record(session, job_id, raw, "callback", outcome, result.status)
+        _record(session, job_id, raw, CALLBACK, outcome, result.status)
     message = "late callback recorded, job unchanged" if outcome == IGNORED else "ok"
     return CallbackOutcome(200, outcome, message)
 

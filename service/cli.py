@@ -91,6 +91,10 @@ def worker(once: bool) -> None:
     run_worker(services, once=once)
 
 
+# How to choose each of dev's ports: the Makefile's variable and the option.
+DEV_PORT_OPTIONS = {"web": ("PORT", "--port"), "simulator": ("SIMULATOR_PORT", "--simulator-port")}
+
+
 @main.command()
 @click.option("--port", default=8000, show_default=True, help="Port of the web process.")
 @click.option("--simulator-port", default=8010, show_default=True)
@@ -100,13 +104,22 @@ def dev(port: int, simulator_port: int) -> None:
     import signal
     import time
 
-    from service.devstack import SAMPLE_IMAGE, Stack
+    from service.devstack import SAMPLE_IMAGE, PortTaken, Stack, StartError, check_ports_free
     from service.migrate import upgrade
 
+    use_simulator = not os.environ.get("MOTIONHOOK_MODELSLAB_API_KEY")
+    ports = {"web": port, **({"simulator": simulator_port} if use_simulator else {})}
+    try:
+        check_ports_free(ports)
+    except PortTaken as exc:
+        variable, option = DEV_PORT_OPTIONS[exc.name]
+        raise click.ClickException(
+            f"{exc}; pick another, e.g. make run {variable}={exc.port + 1} "
+            f"(motionhook dev {option} {exc.port + 1})"
+        ) from None
     services = load_services()
     settings = services.settings
     upgrade(services.db)
-    use_simulator = not os.environ.get("MOTIONHOOK_MODELSLAB_API_KEY")
     user_env = {k: v for k, v in os.environ.items() if k.startswith("MOTIONHOOK_")}
     stack = Stack(
         settings.instance_path,
@@ -117,17 +130,24 @@ def dev(port: int, simulator_port: int) -> None:
         simulator=use_simulator,
     )
     stack.env.setdefault("MOTIONHOOK_PUBLIC_URL", stack.web_url)
-    if use_simulator:
-        stack.start_simulator()
-    stack.start_web()
-    stack.start_worker()
-    token = settings.api_tokens[0]
-    base = stack.web_url
-    click.echo(
-        f"""
+
+    def stop_on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # The children run in their own sessions: make SIGTERM stop them too.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        if use_simulator:
+            stack.start_simulator()
+        stack.start_web()
+        stack.start_worker()
+        token = settings.api_tokens[0]
+        base = stack.web_url
+        click.echo(
+            f"""
 motionhook is running: web {base} (docs {base}/docs), worker, """
-        + (f"ModelsLab simulator {stack.sim_url}" if use_simulator else "real ModelsLab")
-        + f"""
+            + (f"ModelsLab simulator {stack.sim_url}" if use_simulator else "real ModelsLab")
+            + f"""
 Database: {settings.database_url}   logs: {settings.instance_path}/*.log
 API token: {token}
 
@@ -140,19 +160,14 @@ Then watch it complete (about two seconds):
 
 Ctrl-C stops everything.
 """
-    )
-
-    def stop_on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    # The children run in their own sessions: make SIGTERM stop them too.
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
+        )
         while all(process.popen.poll() is None for process in stack.processes):
             time.sleep(0.5)
         failed = [p.name for p in stack.processes if p.popen.poll() is not None]
         logs = settings.instance_path / "*.log"
         raise click.ClickException(f"{', '.join(failed)} stopped; see {logs}")
+    except StartError as exc:
+        raise click.ClickException(exc.summary) from None
     except KeyboardInterrupt:
         click.echo("stopping ...")
     finally:

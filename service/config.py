@@ -7,6 +7,7 @@ CLI) reads. Nothing here imports Flask: the worker runs without it.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -22,6 +23,8 @@ DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
 PRODUCTION = "production"
+# The ModelsLab key when none is configured (the simulator takes any): not a secret.
+SIMULATOR_API_KEY = "simulator"
 
 DEFAULTS: dict[str, Any] = {
     "ENV": "development",
@@ -49,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "MEDIA_URL_TTL": 7 * 24 * 3600,
     "UPSTREAM_TIMEOUT": 30,
     "MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
+    "MAX_CALLBACKS_PER_JOB": 50,
     "MAX_OUTPUT_BYTES": 200 * 1024 * 1024,
     "DOWNLOAD_DEADLINE": 900,
     "DOWNLOAD_TIMEOUT": 300,
@@ -182,30 +186,32 @@ def parse_retry_schedule(value: Any) -> tuple[float, ...]:
     return tuple(schedule)
 
 
-def _instance_secret(instance: Path, name: str, prefix: str = "") -> str:
-    """Return a development secret kept in ``instance/``, generating it on first use."""
+def _instance_secret(instance: Path, name: str, value: str) -> str:
+    """Return a development secret kept in ``instance/``, storing ``value`` on first use.
+
+    The file appears complete and 0600 in one step (written under a private name,
+    then hard-linked into place), so no process ever reads it half-written or
+    world-readable; when two processes race, both use the one that was linked first.
+    """
     path = instance / name
     if path.exists():
         return path.read_text().strip()
     instance.mkdir(parents=True, exist_ok=True)
-    value = prefix + secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    partial = instance / f".{name}.{secrets.token_hex(8)}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(value)
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        value = path.read_text().strip()
+    finally:
+        partial.unlink()
     return value
 
 
-def _dev_webhook_secret(instance: Path) -> str:
-    import base64
-
-    path = instance / "webhook_secret"
-    if path.exists():
-        return path.read_text().strip()
-    instance.mkdir(parents=True, exist_ok=True)
-    value = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    path.write_text(value)
-    path.chmod(0o600)
-    return value
+def _new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,7 @@ class Settings:
     media_url_ttl: float
     upstream_timeout: float
     max_upload_bytes: int
+    max_callbacks_per_job: int
     max_output_bytes: int
     download_deadline: float
     download_timeout: float
@@ -295,7 +302,7 @@ class Settings:
                 )
         database_url = config.get("DATABASE_URL") or f"sqlite:///{instance_path / 'motionhook.db'}"
         tokens = _as_list(config.get("API_TOKENS")) or (
-            _instance_secret(instance_path, "api_token", "mh_"),
+            _instance_secret(instance_path, "api_token", "mh_" + secrets.token_urlsafe(32)),
         )
         allow_private = config.get("ALLOW_PRIVATE_TARGETS")
         schedule = parse_retry_schedule(config.get("RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE))
@@ -308,11 +315,15 @@ class Settings:
             admin_tokens=_as_list(config.get("ADMIN_TOKENS")),
             max_subscriptions_per_project=int(config["MAX_SUBSCRIPTIONS_PER_PROJECT"]),
             callback_secret=str(
-                config.get("CALLBACK_SECRET") or _instance_secret(instance_path, "callback_secret")
+                config.get("CALLBACK_SECRET")
+                or _instance_secret(instance_path, "callback_secret", secrets.token_urlsafe(32))
             ),
             callback_secret_previous=config.get("CALLBACK_SECRET_PREVIOUS") or None,
-            webhook_secret=str(config.get("WEBHOOK_SECRET") or _dev_webhook_secret(instance_path)),
-            modelslab_api_key=str(config.get("MODELSLAB_API_KEY") or "simulator"),
+            webhook_secret=str(
+                config.get("WEBHOOK_SECRET")
+                or _instance_secret(instance_path, "webhook_secret", _new_webhook_secret())
+            ),
+            modelslab_api_key=str(config.get("MODELSLAB_API_KEY") or SIMULATOR_API_KEY),
             modelslab_base_url=str(config["MODELSLAB_BASE_URL"]).rstrip("/"),
             storage_url=str(config.get("STORAGE_URL") or f"file://{instance_path / 'media'}"),
             s3_endpoint_url=config.get("S3_ENDPOINT_URL") or None,
@@ -330,6 +341,7 @@ class Settings:
             media_url_ttl=_as_seconds("MEDIA_URL_TTL", config["MEDIA_URL_TTL"]),
             upstream_timeout=_as_seconds("UPSTREAM_TIMEOUT", config["UPSTREAM_TIMEOUT"]),
             max_upload_bytes=int(config["MAX_UPLOAD_BYTES"]),
+            max_callbacks_per_job=int(config["MAX_CALLBACKS_PER_JOB"]),
             max_output_bytes=int(config["MAX_OUTPUT_BYTES"]),
             download_deadline=_as_seconds("DOWNLOAD_DEADLINE", config["DOWNLOAD_DEADLINE"]),
             download_timeout=_as_seconds("DOWNLOAD_TIMEOUT", config["DOWNLOAD_TIMEOUT"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -71,30 +72,32 @@ class Outage:
     doubling to 5 s); the first success after it logs that the database is back.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, consequence: str | None = None) -> None:
+        """``consequence`` replaces "retrying in N s" in the WARNING (web answers 503)."""
         self._lock = threading.Lock()
         self._backoff = Backoff()
+        self._consequence = consequence
 
     @property
     def ongoing(self) -> bool:
-        return self._backoff.failures > 0
+        return self._backoff.failing
 
     def failed(self, error: BaseException) -> float:
         """Record a failure; return how long to wait before trying again."""
         with self._lock:
+            first = not self._backoff.failing
             delay = self._backoff.next()
-            first = self._backoff.failures == 1
         if first:
             log.warning(
-                "database unavailable; retrying in %.1f s",
-                delay,
+                "database unavailable; %s",
+                self._consequence or f"retrying in {delay:.1f} s",
                 extra={"error": type(error).__name__},
             )
         return delay
 
     def recovered(self) -> None:
         """Record that the database answered."""
-        if not self._backoff.failures:
+        if not self._backoff.failing:
             return  # the common case, without the lock
         with self._lock:
             ended = self._backoff.reset()
@@ -122,9 +125,11 @@ class Database:
         self.outage = Outage()
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                _create_private_file(Path(parsed.database))
             self.engine = create_engine(
-                self.url, connect_args={"timeout": 30, "check_same_thread": False}
+                self.url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                hide_parameters=True,
             )
             _configure_sqlite(self.engine)
         else:
@@ -202,6 +207,15 @@ class Database:
             self._relaxed_engine.dispose()
 
 
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file readable by its owner only (it holds subscription secrets).
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's permissions.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def _postgresql_engine(url: str, *, pool_size: int, options: str | None = None) -> Engine:
     # A bounded connect: /readyz must answer 503, not hang, when packets are dropped.
     connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
@@ -210,7 +224,12 @@ def _postgresql_engine(url: str, *, pool_size: int, options: str | None = None) 
         existing = make_url(url).query.get("options")
         connect_args["options"] = f"{existing} {options}" if isinstance(existing, str) else options
     engine = create_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, connect_args=connect_args
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args=connect_args,
+        # Bound values (subscription URLs, secrets) never appear in SQL error messages.
+        hide_parameters=True,
     )
     _ping_when_idle(engine)
     return engine

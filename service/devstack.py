@@ -2,10 +2,18 @@
 
 Used by ``motionhook dev`` (``make run``), ``motionhook demo``, the end-to-end
 tests and the benchmarks, so they all exercise the processes users deploy.
+
+The processes never outlive whoever started them: on Linux each child asks the
+kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), even by SIGKILL,
+so no orphaned simulator keeps holding its port. A process counts as started
+only once it answers *and* the listening socket on its port is its own: another
+program answering on that port cannot pass for it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
 import socket
@@ -17,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +39,74 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class PortTaken(RuntimeError):
+    """A port a process should listen on is already in use."""
+
+    def __init__(self, name: str, port: int) -> None:
+        super().__init__(f"port {port} ({name}) is already in use")
+        self.name = name
+        self.port = port
+
+
+class StartError(RuntimeError):
+    """A process did not start; ``summary`` says so in one line, the message adds its log."""
+
+    def __init__(self, summary: str, log_tail: str = "") -> None:
+        super().__init__(f"{summary}\n{log_tail}" if log_tail else summary)
+        self.summary = summary
+
+
+def check_ports_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
+    """Raise :class:`PortTaken` for the first of ``ports`` (name: port) that is in use."""
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            # As the servers bind: a port left in TIME_WAIT by a stopped server is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortTaken(name, port) from None
+                raise
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` (or one of its children) holds a listening socket on ``port``."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for process in family:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for connection in connections:
+            if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                return True
+    return False
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux for SIGTERM when the parent dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        # Runs in the child between fork and exec: nothing here may take a lock.
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return set_death_signal
 
 
 def wait_until(
@@ -121,12 +198,15 @@ class Stack:
     ) -> Process:
         log_path = self.instance / f"{name}-{len(self.processes)}.log"
         handle: IO[bytes] = log_path.open("wb")
+        # The death signal belongs to the thread that forks: start stacks from the
+        # main thread (or one that outlives them).
         popen = subprocess.Popen(
             argv,
             env={**self.env, **(extra_env or {})},
             stdout=handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
             cwd=str(ROOT),
         )
         handle.close()
@@ -155,7 +235,7 @@ class Stack:
         if GUNICORN_CONF.exists():
             argv += ["-c", str(GUNICORN_CONF)]
         process = self.spawn("web", argv, extra_env)
-        self._wait_ready(process, f"{self.web_url}/readyz")
+        self._wait_ready(process, f"{self.web_url}/readyz", self.web_port)
         return process
 
     def start_worker(self, extra_env: Mapping[str, str] | None = None) -> Process:
@@ -172,16 +252,28 @@ class Stack:
             *flags,
         ]
         process = self.spawn("simulator", argv)
-        self._wait_ready(process, f"{self.sim_url}/_sim/knobs")
+        self._wait_ready(process, f"{self.sim_url}/_sim/knobs", self.sim_port)
         return process
 
-    def _wait_ready(self, process: Process, url: str, timeout: float = 30) -> None:
+    def _wait_ready(self, process: Process, url: str, port: int, timeout: float = 30) -> None:
+        """Wait until ``process`` itself listens on ``port`` and ``url`` answers 200."""
+
         def ready() -> bool:
             if process.popen.poll() is not None:
-                raise RuntimeError(f"{process.name} exited early:\n{process.log()[-4000:]}")
-            return _answers(url)
+                raise StartError(
+                    f"{process.name} exited while starting; see {process.log_path}",
+                    process.log()[-4000:],
+                )
+            return listens_on(process.popen.pid, port) and _answers(url)
 
-        wait_until(ready, timeout=timeout, message=f"{process.name} at {url}")
+        try:
+            wait_until(ready, timeout=timeout, message=f"{process.name} at {url}")
+        except TimeoutError:
+            raise StartError(
+                f"{process.name} did not answer at {url} within {timeout:.0f} s; "
+                f"see {process.log_path}",
+                process.log()[-4000:],
+            ) from None
 
     def start_all(self, *simulator_flags: str) -> None:
         self.migrate()

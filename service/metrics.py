@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service.bearer import bearer_token, is_one_of
 from service.migrate import readiness
-from service.models import Delivery, Job, Subscription, Task, utcnow
+from service.models import Delivery, DeliveryAttempt, Job, Subscription, Task, utcnow
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -54,6 +54,11 @@ JOB_STATUSES = ("queued", "processing", "completed", "failed")
 TASK_KINDS = ("submit", "download", "reconcile")
 CHANNELS = ("webhook", "slack", "discord")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0)
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+ATTEMPT_OUTCOMES = ("delivered", "retry", "failed", "permanent")
+# Windows of the delivery gauges: both are range scans on an indexed timestamp.
+RECENT_DELIVERIES = timedelta(hours=24)
+RECENT_ATTEMPTS = timedelta(minutes=5)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # One ``*_created`` series per labelled child doubles the series count for no use here.
@@ -219,6 +224,17 @@ class DatabaseCollector:
             "Subscriptions currently disabled, by channel.",
             labels=["channel"],
         )
+        deliveries = GaugeMetricFamily(
+            "motionhook_deliveries_last_day",
+            "Deliveries created in the last 24 hours, by channel and status.",
+            labels=["kind", "status"],
+        )
+        attempts = GaugeMetricFamily(
+            "motionhook_delivery_attempts_recent",
+            "Delivery attempts of the last 5 minutes by outcome "
+            "(delivered, retry, failed, permanent).",
+            labels=["outcome"],
+        )
         with self.db.transaction() as session:
             by_status = _pairs(
                 session.execute(select(Job.status, func.count()).group_by(Job.status))
@@ -255,6 +271,21 @@ class DatabaseCollector:
                     .group_by(Delivery.kind)
                 )
             )
+            recent_deliveries = {
+                (kind, status): count
+                for kind, status, count in session.execute(
+                    select(Delivery.kind, Delivery.status, func.count())
+                    .where(Delivery.created_at >= now - RECENT_DELIVERIES)
+                    .group_by(Delivery.kind, Delivery.status)
+                )
+            }
+            recent_attempts = _pairs(
+                session.execute(
+                    select(DeliveryAttempt.outcome, func.count())
+                    .where(DeliveryAttempt.attempted_at >= now - RECENT_ATTEMPTS)
+                    .group_by(DeliveryAttempt.outcome)
+                )
+            )
             disabled_by_kind = _pairs(
                 session.execute(
                     select(Subscription.kind, func.count())
@@ -281,7 +312,14 @@ class DatabaseCollector:
                 pending.add_metric([queue, kind], every.get(kind, 0))
         for channel in sorted(set(CHANNELS) | set(disabled_by_kind)):
             disabled.add_metric([channel], disabled_by_kind.get(channel, 0))
-        return [jobs, oldest_job, depth, oldest_due, pending, disabled]
+        kinds = sorted(set(CHANNELS) | {kind for kind, _status in recent_deliveries})
+        statuses = sorted(set(DELIVERY_STATUSES) | {status for _kind, status in recent_deliveries})
+        for kind in kinds:
+            for status in statuses:
+                deliveries.add_metric([kind, status], recent_deliveries.get((kind, status), 0))
+        for outcome in sorted(set(ATTEMPT_OUTCOMES) | set(recent_attempts)):
+            attempts.add_metric([outcome], recent_attempts.get(outcome, 0))
+        return [jobs, oldest_job, depth, oldest_due, pending, disabled, deliveries, attempts]
 
 
 class _ProcessRegistry:

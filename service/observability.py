@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
+from service.config import SIMULATOR_API_KEY
+
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -59,9 +61,23 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)(\"(?:key|api_?key|secret|token|sig)\"\s*:\s*\")[^\"]*"), r"\1" + REDACTED),
     (re.compile(r"(?i)('(?:key|api_?key|secret|token|sig)'\s*:\s*')[^']*"), r"\1" + REDACTED),
     (re.compile(r"(?i)\b((?:api_?key|secret|token|password)=)[^&\s\"']+"), r"\1" + REDACTED),
+    # Slack and Discord webhook URLs are credentials as a whole (subscription targets).
+    (re.compile(r"(?i)(hooks\.slack\.com/)[^\s\"'<>]+"), r"\1" + REDACTED),
+    (re.compile(r"(?i)(/api(?:/v\d+)?/webhooks/)[^\s\"'<>]+"), r"\1" + REDACTED),
 )
 # Every pattern above matches only text that contains one of these (lowercased).
-_PATTERN_WORDS = ("bearer", "basic", "sig", "whsec_", "key", "secret", "token", "password")
+_PATTERN_WORDS = (
+    "bearer",
+    "basic",
+    "sig",
+    "whsec_",
+    "key",
+    "secret",
+    "token",
+    "password",
+    "hooks.slack.com",
+    "/webhooks/",
+)
 MIN_SECRET_LENGTH = 6
 
 _context: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
@@ -107,7 +123,7 @@ def register_secrets(*values: str | None) -> None:
 
 def register_settings_secrets(settings: Settings) -> None:
     modelslab_key: str | None = settings.modelslab_api_key
-    if modelslab_key == "simulator":
+    if modelslab_key == SIMULATOR_API_KEY:
         modelslab_key = None
     register_secrets(
         *settings.api_tokens,

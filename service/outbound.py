@@ -42,6 +42,7 @@ CLOUD_METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
         ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, DigitalOcean, ...
         ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
         ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+        ipaddress.ip_address("168.63.129.16"),  # Azure WireServer (a public-range address)
     }
 )
 SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 carrier-grade NAT

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -84,19 +85,33 @@ def retry_after_field(payload: Mapping[str, Any] | None) -> float | None:
 
 
 class Backoff:
-    """Capped exponential waits: 0.2 s doubling to 5 s, reset once things work again."""
+    """Capped exponential waits, 0.2 s doubling to 5 s, measured by the outage's age.
 
-    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+    Each wait is as long as the outage has lasted so far (at least ``first``, at most
+    ``cap``): one caller that waits and tries again sees 0.2, 0.2, 0.4, 0.8, ... s, and
+    many threads reporting the same outage do not push each other to the cap.
+    """
+
+    def __init__(
+        self, first: float = 0.2, cap: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.first = first
         self.cap = cap
-        self.failures = 0
+        self.clock = clock
+        self.started: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.started is not None
 
     def next(self) -> float:
         """Record a failure and return how long to wait before trying again."""
-        self.failures += 1
-        return min(self.cap, self.first * 2.0 ** (self.failures - 1))
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        return min(self.cap, max(self.first, now - self.started))
 
     def reset(self) -> bool:
         """Record a success; return whether it ended a run of failures."""
-        failed, self.failures = self.failures > 0, 0
+        failed, self.started = self.started is not None, None
         return failed

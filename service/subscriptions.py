@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -28,6 +29,9 @@ from service.notifiers.webhook import generate_secret
 
 SECRET_OVERLAP = timedelta(hours=24)
 WEBHOOK = "webhook"
+MASK = "***"
+# Kinds whose whole URL is a credential (whoever has it can post to the channel).
+SECRET_URL_KINDS = frozenset({"slack", "discord"})
 
 
 class SubscriptionLimitReached(Exception):
@@ -49,12 +53,46 @@ class RotatingSecret(Protocol):
     updated_at: datetime
 
 
-def subscription_resource(sub: Subscription, *, secret: str | None = None) -> dict[str, Any]:
-    """Render a subscription; the secret only when just created or rotated."""
+def _shorten(segment: str) -> str:
+    """Keep the ends of an id-like path segment (``T0…EF``), enough to recognise it."""
+    if len(segment) <= 6 or not any(char.isdigit() for char in segment):
+        return segment
+    return f"{segment[:2]}…{segment[-2:]}" if len(segment) >= 10 else f"{segment[:2]}…"
+
+
+def mask_target_url(kind: str, url: str) -> str:
+    """Show a destination URL without the credential in it: recognisable, not usable.
+
+    Any password in the URL becomes ``***``. For kinds whose URL is itself the
+    credential (Slack, Discord) the token (last path segment) becomes ``***``, ids
+    keep only their ends and the query goes:
+    ``https://hooks.slack.com/services/T0…/B0…/***``.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":" + MASK
+    netloc = f"{userinfo}{at}{hostport}"
+    path, query, fragment = parts.path, parts.query, parts.fragment
+    if kind in SECRET_URL_KINDS:
+        segments = path.split("/")
+        last = max((i for i, segment in enumerate(segments) if segment), default=None)
+        segments = [MASK if i == last else _shorten(segment) for i, segment in enumerate(segments)]
+        path, query, fragment = "/".join(segments), "", ""
+    return urlunsplit((parts.scheme, netloc, path, query, fragment))
+
+
+def subscription_resource(
+    sub: Subscription, *, secret: str | None = None, full_url: bool = False
+) -> dict[str, Any]:
+    """Render a subscription; its full URL and its secret only when just created (or rotated)."""
     resource: dict[str, Any] = {
         "id": sub.id,
         "kind": sub.kind,
-        "url": sub.url,
+        "url": sub.url if full_url else mask_target_url(sub.kind, sub.url),
         "events": list(sub.events or []),
         "description": sub.description,
         "enabled": sub.enabled,

@@ -17,11 +17,24 @@ import requests
 from marshmallow import ValidationError
 
 from schemas.upstream import UPSTREAM_RESPONSE, UpstreamResult, UpstreamStatus
+from service.config import SIMULATOR_API_KEY
 from service.metrics import record_upstream
 from service.retry import retry_after_field, retry_after_header
 
 RESULT, REJECTED, RETRY = "result", "rejected", "retry"
 PERMANENT_HTTP = frozenset({400, 401, 402, 403, 404, 405, 413, 422})
+REDACTED = b"[redacted]"
+
+
+def redact_api_key(data: bytes, api_key: str) -> bytes:
+    """Remove the ModelsLab key from bytes that came from upstream, before anything keeps them.
+
+    Submit and fetch answers and callbacks may echo the key (in an error message,
+    say); they are stored in the audit log, shown in jobs and fanned out in events.
+    """
+    if not api_key or api_key == SIMULATOR_API_KEY:
+        return data
+    return data.replace(api_key.encode(), REDACTED)
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class UpstreamClient:
         return answer
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self.api_key, "[redacted]") if self.api_key else text
+        return redact_api_key(text.encode(), self.api_key).decode()
 
     def _post(self, path: str, body: dict[str, Any]) -> UpstreamAnswer:
         started = time.perf_counter()
@@ -80,7 +93,7 @@ class UpstreamClient:
                 latency=time.perf_counter() - started,
             )
         latency = time.perf_counter() - started
-        raw = response.content
+        raw = redact_api_key(response.content, self.api_key)
         status = response.status_code
         payload: Any = None
         try:

@@ -96,6 +96,19 @@ def test_unknown_event_type_and_kind_are_422(client: FlaskClient, auth: dict[str
     assert "kind" in bad_kind.get_json()["message"]
 
 
+def test_events_may_list_every_event_type_including_test_ping(
+    client: FlaskClient, auth: dict[str, str]
+) -> None:
+    every = ["job.processing", "job.completed", "job.failed", "test.ping"]
+    created = subscribe(client, auth, events=every)
+    assert created.status_code == 201, created.get_json()
+    assert created.get_json()["events"] == every
+    path = f"/v1/subscriptions/{created.get_json()['id']}"
+    patched = client.patch(path, json={"events": ["test.ping"]}, headers=auth)
+    assert patched.status_code == 200, patched.get_json()
+    assert patched.get_json()["events"] == ["test.ping"]
+
+
 def test_patch_disable_enable_and_delete(client: FlaskClient, auth: dict[str, str]) -> None:
     sub = subscribe(client, auth).get_json()
     path = f"/v1/subscriptions/{sub['id']}"

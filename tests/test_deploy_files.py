@@ -98,8 +98,10 @@ def test_gunicorn_config_reads_the_environment(
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
     monkeypatch.setenv("GUNICORN_GRACEFUL_TIMEOUT", "11")
     monkeypatch.setenv("PORT", "9999")
+    monkeypatch.setenv("GUNICORN_WORKER_CLASS", "gthread")
     conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
     assert (conf["workers"], conf["threads"], conf["worker_class"]) == (3, 7, "gthread")
+    assert conf["preload_app"] is True
     assert conf["forwarded_allow_ips"] == "*"
     assert conf["graceful_timeout"] == 11
     assert conf["bind"] == "0.0.0.0:9999"
@@ -107,6 +109,19 @@ def test_gunicorn_config_reads_the_environment(
     assert access == "service.observability.AccessLogFormatter"
     for hook in ("on_starting", "child_exit", "on_exit"):
         assert callable(conf[hook])
+
+
+def test_gunicorn_defaults_to_gevent_without_preloading(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import runpy
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "prom"))
+    for name in ("GUNICORN_WORKER_CLASS", "GUNICORN_PRELOAD", "GUNICORN_WORKER_CONNECTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    conf = runpy.run_path(str(DEPLOY / "gunicorn.conf.py"))
+    assert (conf["worker_class"], conf["preload_app"]) == ("gevent", False)
+    assert conf["worker_connections"] == 1000
 
 
 def test_gunicorn_accepts_the_config_and_the_app(tmp_path: Path) -> None:

@@ -88,13 +88,14 @@ def test_a_429_pauses_submissions_and_one_probe_recovers(
 def test_the_queue_timeout_fails_only_jobs_that_never_reached_modelslab(
     make_stack: Callable[..., Stack],
 ) -> None:
-    # One slot, a five-second generation: the two jobs behind it wait past their 2 s.
+    # One slot, a 15-second generation: the two jobs behind it wait past their 3 s,
+    # however slowly a busy machine creates them.
     stack = start(
         make_stack,
         "--delay",
-        "5",
+        "15",
         MOTIONHOOK_MODELSLAB_MAX_QUEUED="1",
-        MOTIONHOOK_QUEUE_TIMEOUT="2",
+        MOTIONHOOK_QUEUE_TIMEOUT="3",
     )
     first, *behind = [submit(stack) for _ in range(3)]
     for job in behind:

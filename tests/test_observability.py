@@ -285,6 +285,14 @@ def test_metrics_move_as_a_job_flows(flow_app: Flask) -> None:
         assert moved("motionhook_delivery_duration_seconds_count", channel="webhook") == 2
         assert moved("motionhook_subscription_disablements_total", channel="webhook") == 1
         assert value(worked, "motionhook_subscriptions_disabled", channel="webhook") == 1
+        recent = "motionhook_deliveries_last_day"
+        assert value(worked, recent, kind="webhook", status="delivered") == 1
+        assert value(worked, recent, kind="webhook", status="failed") == 1
+        assert value(worked, recent, kind="slack", status="pending") == 0
+        attempts = "motionhook_delivery_attempts_recent"
+        assert value(worked, attempts, outcome="delivered") == 1
+        assert value(worked, attempts, outcome="permanent") == 1
+        assert value(worked, attempts, outcome="retry") == 0
 
         failed = {"status": "failed", "id": 146, "message": "nsfw", "track_id": job["id"]}
         assert post_callback(client, job["id"], failed).status_code == 200
@@ -297,6 +305,7 @@ def test_metrics_move_as_a_job_flows(flow_app: Flask) -> None:
     assert moved("motionhook_callbacks_received_total", outcome="rejected") == 1
     assert value(after, "motionhook_jobs", status="failed") == 1
     assert value(after, "motionhook_queue_depth", queue="deliveries", kind="webhook") == 1
+    assert value(after, "motionhook_deliveries_last_day", kind="webhook", status="pending") == 1
     assert (
         value(after, "motionhook_queue_oldest_due_age_seconds", queue="deliveries", kind="webhook")
         >= 0

@@ -1,5 +1,10 @@
 """Fuzz every operation of ``/openapi.json`` with schemathesis: no input may cause a 5xx.
 
+Generated JSON never holds non-finite numbers, and rarely NULs where they hurt, so
+a second pass walks the same operations and poisons each body property, path
+parameter and query parameter in turn (``NaN``, ``Infinity``, ``1e309``, ``\\u0000``):
+each must be refused with a 4xx.
+
 Only the ``not_a_server_error`` check runs: generated inputs are mostly invalid on
 purpose, and a well-formed 4xx is the right answer to them. Random path ids only
 ever reach "not found", so every case that has path parameters is sent a second
@@ -13,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import pytest
 import schemathesis
@@ -28,6 +34,8 @@ from service.migrate import upgrade
 from tests.conftest import CALLBACK_SECRET, TOKEN, app_config
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ADMIN_TOKEN = "fuzz-admin-token"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # A public address literal: accepted as a target without DNS, never connected to here.
 TARGET_URL = "https://93.184.215.14/hook"
 
@@ -85,7 +93,12 @@ def fuzzed_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("MOTIONHOOK_INSTANCE_PATH", str(tmp / "instance"))
         # A limit never reached: a 429 would hide what the handlers do with the input.
-        config = app_config(f"sqlite:///{tmp / 'motionhook.db'}", tmp, RATELIMIT="1000000/minute")
+        config = app_config(
+            f"sqlite:///{tmp / 'motionhook.db'}",
+            tmp,
+            RATELIMIT="1000000/minute",
+            ADMIN_TOKENS=ADMIN_TOKEN,
+        )
         app = create_app(config)
         services: Services = app.extensions["motionhook"]
         upgrade(services.db)
@@ -129,6 +142,84 @@ def test_no_input_causes_a_server_error(case: schemathesis.Case, existing: Exist
         response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
         if case.method.upper() == "DELETE" and response.status_code < 300:
             existing.refresh()
+
+
+# Raw JSON values a JSON encoder never writes but a hostile client may.
+POISONS = ("NaN", "Infinity", "-Infinity", "1e309", '"nul\\u0000"', '{"k\\u0000": 1}')
+
+
+def _operations(app: Flask) -> list[Any]:
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def _body_properties(operation: Any) -> list[str]:
+    for body in operation.body:
+        if body.media_type == "application/json":
+            return list(body.definition["schema"].get("properties") or {"status": {}})
+    return []
+
+
+def _admin_ids(client: FlaskClient) -> dict[str, str]:
+    """A project and one of its tokens, made through the admin API."""
+    project = client.post("/v1/projects", json={"name": "poisoned"}, headers=ADMIN_AUTH)
+    assert project.status_code == 201, project.get_data(as_text=True)
+    project_id = project.get_json()["id"]
+    token = client.post(
+        f"/v1/projects/{project_id}/tokens", json={"scope": "write"}, headers=ADMIN_AUTH
+    )
+    assert token.status_code == 201, token.get_data(as_text=True)
+    return {"project_id": project_id, "token_id": token.get_json()["id"]}
+
+
+def _path(
+    operation: Any, ids: dict[str, str], existing: Existing, poisoned: str | None = None
+) -> tuple[str, str]:
+    """The operation's path aimed at existing resources (``poisoned`` gets a NUL); its sig."""
+    values = {}
+    sig = ""
+    for parameter in operation.path_parameters:
+        name = parameter.name
+        value = existing.new_job() if name == "track_id" else {**existing.ids, **ids}[name]
+        if name == "track_id":
+            sig = callback_token(CALLBACK_SECRET, value)
+        values[name] = quote(value + "\x00" if name == poisoned else value, safe="")
+    return operation.path.format(**values), sig
+
+
+def test_non_finite_numbers_and_nuls_anywhere_are_4xx(
+    fuzzed_app: Flask, existing: Existing
+) -> None:
+    client = fuzzed_app.test_client()
+    admin_ids = _admin_ids(client)
+    answers: list[tuple[str, int]] = []
+
+    def send(operation: Any, path: str, query: dict[str, str], body: str | None) -> None:
+        url = f"{path}?{urlencode(query)}" if query else path
+        response = client.open(
+            url,
+            method=operation.method.upper(),
+            data=body,
+            content_type="application/json" if body is not None else None,
+            headers=ADMIN_AUTH if path.startswith("/v1/projects") else AUTH,
+        )
+        answers.append((f"{operation.method.upper()} {url} {body}", response.status_code))
+
+    for operation in _operations(fuzzed_app):
+        for prop in _body_properties(operation):
+            for poison in POISONS:
+                path, sig = _path(operation, admin_ids, existing)
+                send(operation, path, {"sig": sig} if sig else {}, f'{{"{prop}": {poison}}}')
+        for parameter in operation.path_parameters:
+            path, sig = _path(operation, admin_ids, existing, poisoned=parameter.name)
+            send(operation, path, {"sig": sig} if sig else {}, None)
+        for parameter in operation.query:
+            path, sig = _path(operation, admin_ids, existing)
+            query = {"sig": sig} if sig else {}
+            send(operation, path, {**query, parameter.name: "x\x00"}, None)
+    assert len(answers) > 150
+    wrong = [(request, status) for request, status in answers if not 400 <= status < 500]
+    assert wrong == []
 
 
 def test_inputs_the_fuzzer_once_crashed_on_are_4xx(fuzzed_app: Flask) -> None:

@@ -115,6 +115,7 @@ def fake_dns(mapping: dict[str, list[str]]) -> Any:
         ("javascript:alert(1)", "url must use http or https"),
         ("http://169.254.169.254/latest/meta-data/", "cloud metadata address (169.254.169.254)"),
         ("http://[fd00:ec2::254]/", "cloud metadata address (fd00:ec2::254)"),
+        ("http://168.63.129.16/machine?comp=goalstate", "cloud metadata address (168.63.129.16)"),
         ("http://localhost/", "loopback address"),
         ("http://10.1.2.3/", "private address (10.1.2.3)"),
         ("http://[::1]/", "loopback address (::1)"),

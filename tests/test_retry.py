@@ -101,10 +101,15 @@ def test_retry_after_field_reads_numbers_only() -> None:
     assert retry_after_field(None) is None
 
 
-def test_backoff_doubles_from_a_fifth_of_a_second_to_five_and_resets() -> None:
-    backoff = Backoff()
-
-    assert [backoff.next() for _ in range(7)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+def test_backoff_waits_as_long_as_the_outage_has_lasted_from_a_fifth_of_a_second_to_five() -> None:
+    now = [100.0]
+    backoff = Backoff(clock=lambda: now[0])
+    waits = []
+    for _ in range(8):
+        waits.append(backoff.next())
+        now[0] += waits[-1]  # one caller: waits, then tries again
+    assert waits == pytest.approx([0.2, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
     assert backoff.reset() is True
     assert backoff.reset() is False
-    assert backoff.next() == 0.2
+    # Many threads reporting the same outage at once do not lengthen it.
+    assert [backoff.next() for _ in range(5)] == [0.2] * 5

@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 
 from schemas.jobs import JobCreateSchema
 from service.api import docs
+from service.api.errors import register_database_errors
 from service.extension import services
 
 API_SETTINGS = {
@@ -119,6 +120,8 @@ def register_api(app: Flask) -> Api:
     app.register_blueprint(media_bp)
     app.register_blueprint(docs.assets)
     dashboard.init_app(app)
-    init_limiter(app, app.extensions["motionhook"].settings)
+    svc = app.extensions["motionhook"]
+    register_database_errors(app, svc.db, api.handle_http_exception)
+    init_limiter(app, svc.settings)
     app.after_request(add_security_headers)
     return api

@@ -50,6 +50,8 @@ def modelslab_callback(track_id: str) -> tuple[dict[str, Any], int]:
         callback_grace=settings.callback_grace,
         job_timeout=settings.job_timeout,
         media_url=svc.media_url,
+        api_key=settings.modelslab_api_key,
+        max_per_job=settings.max_callbacks_per_job,
     )
     record_callback(outcome.outcome)
     if outcome.http_status >= 400:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from flask import request
@@ -11,6 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from schemas import strict_json
 from schemas.jobs import JobCreateSchema, JobListArgs, JobPageSchema, JobSchema
 from service.api.auth import client_project, owned, require_client
 from service.api.docs import IDEMPOTENCY_KEY, JOB_EXAMPLE
@@ -55,7 +55,9 @@ def _read_body() -> tuple[dict[str, Any], bytes | None]:
         for name in JSON_FIELDS_IN_FORMS:
             if name in form:
                 try:
-                    form[name] = json.loads(form[name])
+                    form[name] = strict_json.loads(form[name])
+                except strict_json.JSONRejected as exc:
+                    _invalid(name, exc.message)
                 except ValueError:
                     _invalid(name, "must be JSON in a multipart form")
         upload = request.files.get("image")

@@ -73,7 +73,7 @@ def create(params: dict[str, Any]) -> dict[str, Any]:
             )
         except SubscriptionLimitReached as exc:
             abort(409, message=str(exc))
-        return subscription_resource(sub, secret=sub.secret)
+        return subscription_resource(sub, secret=sub.secret, full_url=True)
 
 
 @blp.get("")
