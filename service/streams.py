@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -241,8 +242,12 @@ class Hub:
                     held_back = self._catch_up()
                     while True:
                         timeout = HELD_BACK_RETRY if held_back else SAFETY_CHECK
-                        for _ in conn.notifies(timeout=timeout, stop_after=1):
-                            pass
+                        # Wait with select, which gevent makes cooperative: psycopg's own
+                        # wait was chosen when the gunicorn master imported it, before
+                        # gevent patched this worker, and would block every greenlet.
+                        select.select([conn.fileno()], [], [], timeout)
+                        for _ in conn.notifies(timeout=0.0):
+                            pass  # drain: one read of the log serves them all
                         held_back = self._catch_up()
             except (psycopg.Error, SQLAlchemyError):
                 log.warning("event streams lost the database; reconnecting")
