@@ -44,6 +44,10 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # before it would keep unpatched threads and locks (Flask-Limiter's timer thread
 # breaks after the fork). A code change needs a restart, not a HUP.
 preload_app = os.environ.get("GUNICORN_PRELOAD", "0" if worker_class == "gevent" else "1") == "1"
+# An event stream (GET /v1/events/stream) holds a gthread thread for as long as it is
+# open: by default let streams take at most half of them, so requests always find one.
+if worker_class == "gthread":
+    os.environ.setdefault("MOTIONHOOK_STREAMS_MAX", str(max(1, threads // 2)))
 # A request is never slow on purpose (no network I/O in requests): 30 s means stuck.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 # On SIGTERM, stop accepting and let requests in flight finish for this long.
@@ -93,6 +97,22 @@ def on_starting(server):
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.db"):
         stale.unlink()
+
+
+def post_worker_init(worker):
+    """On SIGTERM, end event streams first: they would hold the worker for graceful_timeout."""
+    import signal
+
+    from service.streams import stop_streams
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        stop_streams()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def child_exit(server, worker):

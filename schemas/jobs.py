@@ -38,6 +38,10 @@ class BoundedUrl(fields.Url):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# Served by every motionhook (``service/static``), so examples work against ``make run``.
+SAMPLE_IMAGE_URL = "http://127.0.0.1:8000/static/sample.png"
+
+
 class JobCreateSchema(Img2VideoParams):
     """What a client may send; the upstream key, webhook and track_id are ours."""
 
@@ -45,22 +49,50 @@ class JobCreateSchema(Img2VideoParams):
         unknown = RAISE
 
     init_image = BoundedUrl(
-        schemes={"http", "https"}, require_tld=False, max_length=MAX_INIT_IMAGE_LENGTH
+        schemes={"http", "https"},
+        require_tld=False,
+        max_length=MAX_INIT_IMAGE_LENGTH,
+        metadata={
+            "description": "The picture to animate: an http(s) URL ModelsLab can fetch without "
+            "redirects (at most 2,048 characters). Or send a multipart form with the file in "
+            "field `image` instead.",
+            "example": SAMPLE_IMAGE_URL,
+        },
     )
     model_id = fields.String(
         load_default="wan2.2",
         validate=validate.OneOf(
             SUPPORTED_MODELS, error="must be one of: " + ", ".join(SUPPORTED_MODELS)
         ),
+        metadata={"description": "The ModelsLab model.", "example": "wan2.2"},
     )
-    webhook_url = fields.Url(schemes={"http", "https"}, require_tld=False)
+    webhook_url = fields.Url(
+        schemes={"http", "https"},
+        require_tld=False,
+        metadata={
+            "description": "Optional: also POST this job's events here, signed with "
+            "MOTIONHOOK_WEBHOOK_SECRET (Standard Webhooks headers).",
+            "example": "https://example.com/hooks/motionhook",
+        },
+    )
     webhook_events = fields.List(
         fields.String(
             validate=validate.OneOf(EVENT_TYPES, error="must be one of: " + ", ".join(EVENT_TYPES))
         ),
         validate=validate.Length(min=1),
+        metadata={
+            "description": "Which events go to webhook_url (default: all of them).",
+            "example": ["job.completed", "job.failed"],
+        },
     )
-    metadata = fields.Dict(keys=fields.String(), load_default=dict)
+    metadata = fields.Dict(
+        keys=fields.String(),
+        load_default=dict,
+        metadata={
+            "description": "Your own data, echoed in the job and its events (at most 4 KB).",
+            "example": {"order": "1234"},
+        },
+    )
 
     @pre_load
     def _refuse_unstorable(self, data: Any, **_kwargs: Any) -> Any:
@@ -86,26 +118,28 @@ class JobCreateSchema(Img2VideoParams):
 
 
 class UpstreamStateSchema(Schema):
-    id = fields.String(allow_none=True)
-    status = fields.String(allow_none=True)
-    eta = fields.Float(allow_none=True)
+    id = fields.String(allow_none=True, metadata={"description": "ModelsLab's id of the job"})
+    status = fields.String(allow_none=True, metadata={"description": "ModelsLab's last status"})
+    eta = fields.Float(allow_none=True, metadata={"description": "ModelsLab's estimate, seconds"})
 
 
 class OutputSchema(Schema):
-    url = fields.String(allow_none=True)
-    source_url = fields.String()
-    content_type = fields.String(allow_none=True)
-    bytes = fields.Integer(allow_none=True)
-    sha256 = fields.String(allow_none=True)
-    stored = fields.Boolean()
+    url = fields.String(
+        allow_none=True, metadata={"description": "Durable, signed URL of motionhook's copy"}
+    )
+    source_url = fields.String(metadata={"description": "ModelsLab's (short-lived) URL"})
+    content_type = fields.String(allow_none=True, metadata={"example": "video/mp4"})
+    bytes = fields.Integer(allow_none=True, metadata={"description": "Size of the stored copy"})
+    sha256 = fields.String(allow_none=True, metadata={"description": "Hex SHA-256 of the copy"})
+    stored = fields.Boolean(metadata={"description": "Whether motionhook holds a copy"})
     error = fields.String(
         allow_none=True, metadata={"description": "Why the output is not stored (if it is not)"}
     )
 
 
 class JobErrorSchema(Schema):
-    code = fields.String()
-    message = fields.String()
+    code = fields.String(metadata={"description": "upstream_error, upstream_rejected, timeout, …"})
+    message = fields.String(metadata={"description": "What went wrong, for people"})
 
 
 class JobSourceSchema(Schema):
@@ -118,17 +152,25 @@ class JobSourceSchema(Schema):
 
 
 class JobSchema(Schema):
-    id = fields.String()
-    status = fields.String(metadata={"enum": list(JOB_STATUSES)})
-    model_id = fields.String()
-    input = fields.Dict()
-    metadata = fields.Dict()
-    webhook_url = fields.String(allow_none=True)
-    webhook_events = fields.List(fields.String(), allow_none=True)
-    source = fields.Nested(JobSourceSchema, allow_none=True)
-    created_at = fields.String()
-    updated_at = fields.String()
-    completed_at = fields.String(allow_none=True)
+    id = fields.String(metadata={"description": "The job id (also the track_id sent to ModelsLab)"})
+    status = fields.String(
+        metadata={"enum": list(JOB_STATUSES), "description": "Only ever moves forward"}
+    )
+    model_id = fields.String(metadata={"example": "wan2.2"})
+    input = fields.Dict(metadata={"description": "The generation parameters sent upstream"})
+    metadata = fields.Dict(metadata={"description": "Your metadata, as sent"})
+    webhook_url = fields.String(allow_none=True, metadata={"description": "Per-job webhook"})
+    webhook_events = fields.List(
+        fields.String(), allow_none=True, metadata={"description": "Its event filter"}
+    )
+    source = fields.Nested(
+        JobSourceSchema,
+        allow_none=True,
+        metadata={"description": "Where a chat job came from (Slack, Discord); null otherwise"},
+    )
+    created_at = fields.String(metadata={"description": "RFC 3339"})
+    updated_at = fields.String(metadata={"description": "RFC 3339"})
+    completed_at = fields.String(allow_none=True, metadata={"description": "RFC 3339, once done"})
     queue_position = fields.Integer(
         allow_none=True,
         metadata={
@@ -138,7 +180,9 @@ class JobSchema(Schema):
     )
     upstream = fields.Nested(UpstreamStateSchema)
     outputs = fields.List(fields.Nested(OutputSchema))
-    error = fields.Nested(JobErrorSchema, allow_none=True)
+    error = fields.Nested(
+        JobErrorSchema, allow_none=True, metadata={"description": "Set when status is failed"}
+    )
 
 
 class JobListArgs(Schema):
@@ -146,12 +190,22 @@ class JobListArgs(Schema):
         unknown = RAISE
 
     status = fields.String(
-        validate=validate.OneOf(JOB_STATUSES, error="must be one of: " + ", ".join(JOB_STATUSES))
+        validate=validate.OneOf(JOB_STATUSES, error="must be one of: " + ", ".join(JOB_STATUSES)),
+        metadata={"description": "Only jobs in this status", "example": "completed"},
     )
-    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    cursor = fields.String(validate=validate.Length(max=200))
+    limit = fields.Integer(
+        load_default=20,
+        validate=validate.Range(min=1, max=100),
+        metadata={"description": "Page size (1 to 100)", "example": 20},
+    )
+    cursor = fields.String(
+        validate=validate.Length(max=200),
+        metadata={"description": "The next_cursor of the previous page"},
+    )
 
 
 class JobPageSchema(Schema):
     items = fields.List(fields.Nested(JobSchema))
-    next_cursor = fields.String(allow_none=True)
+    next_cursor = fields.String(
+        allow_none=True, metadata={"description": "Pass as cursor for the next page; null: last"}
+    )

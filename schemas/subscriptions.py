@@ -16,6 +16,22 @@ DELIVERY_STATUSES = ("pending", "delivered", "failed")
 # A subscription may name every event type (DESIGN §3); by default it gets the job events.
 SUBSCRIPTION_EVENT_TYPES = (*EVENT_TYPES, "test.ping")
 
+URL_DOC = {
+    "description": "Receiver URL (Slack/Discord incoming-webhook URL, or your endpoint). "
+    "Private and loopback addresses are refused unless MOTIONHOOK_ALLOW_PRIVATE_TARGETS=1 "
+    "(the default of `make run`).",
+    "example": "http://127.0.0.1:9000/hooks",
+}
+EVENTS_DOC = {
+    "description": "Event types to deliver (default: all).",
+    "example": ["job.completed", "job.failed"],
+}
+DESCRIPTION_DOC = {"description": "Your note about this target.", "example": "staging receiver"}
+ENABLED_DOC = {
+    "description": "false stops deliveries; true re-enables and clears the failure streak.",
+    "example": True,
+}
+
 _event_type = fields.String(
     validate=validate.OneOf(
         SUBSCRIPTION_EVENT_TYPES, error="must be one of: " + ", ".join(SUBSCRIPTION_EVENT_TYPES)
@@ -30,14 +46,20 @@ class SubscriptionCreateSchema(Schema):
     kind = fields.String(
         required=True,
         validate=validate.OneOf(KINDS, error="must be one of: " + ", ".join(KINDS)),
+        metadata={"description": "Where events go: " + ", ".join(KINDS), "example": "webhook"},
     )
     # http(s) for slack, discord and webhook; a broker URL for the others (checked below).
-    url = fields.String(required=True, validate=validate.Length(min=1, max=2000))
+    url = fields.String(required=True, validate=validate.Length(min=1, max=2000), metadata=URL_DOC)
     events = fields.List(
-        _event_type, load_default=lambda: list(EVENT_TYPES), validate=validate.Length(min=1)
+        _event_type,
+        load_default=lambda: list(EVENT_TYPES),
+        validate=validate.Length(min=1),
+        metadata=EVENTS_DOC,
     )
-    description = fields.String(load_default="", validate=validate.Length(max=500))
-    enabled = fields.Boolean(load_default=True)
+    description = fields.String(
+        load_default="", validate=validate.Length(max=500), metadata=DESCRIPTION_DOC
+    )
+    enabled = fields.Boolean(load_default=True, metadata=ENABLED_DOC)
 
     @validates_schema
     def _url_fits_kind(self, data: dict[str, Any], **_kwargs: Any) -> None:
@@ -67,10 +89,10 @@ class SubscriptionUpdateSchema(Schema):
         unknown = RAISE
 
     # Checked against the subscription's kind by the view (see ``check_url``).
-    url = fields.String(validate=validate.Length(min=1, max=2000))
-    events = fields.List(_event_type, validate=validate.Length(min=1))
-    description = fields.String(validate=validate.Length(max=500))
-    enabled = fields.Boolean()
+    url = fields.String(validate=validate.Length(min=1, max=2000), metadata=URL_DOC)
+    events = fields.List(_event_type, validate=validate.Length(min=1), metadata=EVENTS_DOC)
+    description = fields.String(validate=validate.Length(max=500), metadata=DESCRIPTION_DOC)
+    enabled = fields.Boolean(metadata=ENABLED_DOC)
 
 
 class SubscriptionSchema(Schema):
@@ -104,11 +126,19 @@ class RecoverSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    since = fields.AwareDateTime(required=True, default_timezone=None, validate=_representable)
+    since = fields.AwareDateTime(
+        required=True,
+        default_timezone=None,
+        validate=_representable,
+        metadata={
+            "description": "Replay failed deliveries created at or after this instant (RFC 3339)",
+            "example": "2026-01-01T00:00:00Z",
+        },
+    )
 
 
 class RecoverResultSchema(Schema):
-    recovered = fields.Integer()
+    recovered = fields.Integer(metadata={"description": "How many deliveries were queued"})
 
 
 class TestSentSchema(Schema):
@@ -147,15 +177,27 @@ class DeliveryListArgs(Schema):
     class Meta:
         unknown = RAISE
 
-    subscription_id = fields.String(validate=validate.Length(max=40))
-    job_id = fields.String(validate=validate.Length(max=40))
+    subscription_id = fields.String(
+        validate=validate.Length(max=40), metadata={"description": "Only this subscription's"}
+    )
+    job_id = fields.String(
+        validate=validate.Length(max=40), metadata={"description": "Only this job's"}
+    )
     status = fields.String(
         validate=validate.OneOf(
             DELIVERY_STATUSES, error="must be one of: " + ", ".join(DELIVERY_STATUSES)
-        )
+        ),
+        metadata={"description": "Only deliveries in this status", "example": "failed"},
     )
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
-    cursor = fields.String(validate=validate.Length(max=200))
+    limit = fields.Integer(
+        load_default=50,
+        validate=validate.Range(min=1, max=200),
+        metadata={"description": "Page size (1 to 200)", "example": 50},
+    )
+    cursor = fields.String(
+        validate=validate.Length(max=200),
+        metadata={"description": "The next_cursor of the previous page"},
+    )
 
 
 class DeliveryPageSchema(Schema):

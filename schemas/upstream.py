@@ -33,19 +33,64 @@ class UpstreamStatus(StrEnum):
 class Img2VideoParams(Schema):
     """Generation parameters a client may set, with ModelsLab's limits."""
 
-    prompt = fields.String(validate=validate.Length(max=4000))
-    negative_prompt = fields.String(validate=validate.Length(max=4000))
-    height = fields.Integer(validate=validate.Range(min=64, max=512))
-    width = fields.Integer(validate=validate.Range(min=64, max=512))
-    num_frames = fields.Integer(validate=validate.Range(min=1, max=25))
-    num_inference_steps = fields.Integer(validate=validate.Range(min=1, max=50))
-    min_guidance_scale = fields.Float(validate=validate.Range(min=1, max=8))
-    max_guidance_scale = fields.Float(validate=validate.Range(min=1, max=8))
-    motion_bucket_id = fields.Integer(validate=validate.Range(min=1, max=255))
-    noise_aug_strength = fields.Float(validate=validate.Range(min=0, max=1))
-    fps = fields.Integer(validate=validate.Range(min=1, max=16))
-    output_type = fields.String(validate=validate.OneOf(OUTPUT_TYPES))
-    temp = fields.Boolean()
+    prompt = fields.String(
+        validate=validate.Length(max=4000),
+        metadata={"description": "What should happen in the video.", "example": "a slow zoom"},
+    )
+    negative_prompt = fields.String(
+        validate=validate.Length(max=4000),
+        metadata={"description": "What the video should avoid.", "example": "blurry, low quality"},
+    )
+    height = fields.Integer(
+        validate=validate.Range(min=64, max=512),
+        metadata={"description": "Output height in pixels (64 to 512).", "example": 512},
+    )
+    width = fields.Integer(
+        validate=validate.Range(min=64, max=512),
+        metadata={"description": "Output width in pixels (64 to 512).", "example": 512},
+    )
+    num_frames = fields.Integer(
+        validate=validate.Range(min=1, max=25),
+        metadata={
+            "description": "Frames to generate (1 to 25; ModelsLab's default 16).",
+            "example": 16,
+        },
+    )
+    num_inference_steps = fields.Integer(
+        validate=validate.Range(min=1, max=50),
+        metadata={"description": "Denoising steps (1 to 50; default 20).", "example": 20},
+    )
+    min_guidance_scale = fields.Float(
+        validate=validate.Range(min=1, max=8),
+        metadata={"description": "Lowest guidance scale (1 to 8; default 1).", "example": 1},
+    )
+    max_guidance_scale = fields.Float(
+        validate=validate.Range(min=1, max=8),
+        metadata={"description": "Highest guidance scale (1 to 8; default 3).", "example": 3},
+    )
+    motion_bucket_id = fields.Integer(
+        validate=validate.Range(min=1, max=255),
+        metadata={"description": "How much motion (1 to 255; default 127).", "example": 127},
+    )
+    noise_aug_strength = fields.Float(
+        validate=validate.Range(min=0, max=1),
+        metadata={"description": "Noise added to the input image (0 to 1).", "example": 0.02},
+    )
+    fps = fields.Integer(
+        validate=validate.Range(min=1, max=16),
+        metadata={"description": "Frames per second of the output (1 to 16).", "example": 8},
+    )
+    output_type = fields.String(
+        validate=validate.OneOf(OUTPUT_TYPES),
+        metadata={"description": "Container of the output video.", "example": "mp4"},
+    )
+    temp = fields.Boolean(
+        metadata={
+            "description": "Use ModelsLab's temporary storage (wiped every 24 h; motionhook "
+            "keeps its own copy either way).",
+            "example": False,
+        }
+    )
 
 
 class _Flexible(fields.Field[Any]):

@@ -1,7 +1,9 @@
-"""The ``motionhook`` command: serve, worker, dev, db, simulate, demo, prune, projects, tokens."""
+"""The ``motionhook`` command: serve, worker, dev, db, simulate, demo, prune, projects,
+tokens, discord, submit, listen."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,6 +240,80 @@ def demo(timeout: float) -> None:
 
     if not run_demo(click.echo, timeout=timeout):
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("image_or_url")
+@click.option("--prompt", required=True, help="What should happen in the video.")
+@click.option("--model", "model_id", help="ModelsLab model: wan2.2 (default) or ltx-2.3.")
+@click.option("--frames", "num_frames", type=click.IntRange(1, 25), help="Frames (1 to 25).")
+@click.option("--wait", is_flag=True, help="Follow the job live until it completes or fails.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Save the video here (implies --wait).",
+)
+def submit(
+    image_or_url: str,
+    prompt: str,
+    model_id: str | None,
+    num_frames: int | None,
+    wait: bool,
+    output: Path | None,
+) -> None:
+    """Animate a local image file or an http(s) URL; print the job as JSON.
+
+    Talks to MOTIONHOOK_URL (default http://127.0.0.1:8000) with MOTIONHOOK_TOKEN
+    (default: the dev token in instance/api_token). With --wait, exits 0 only when
+    the job completed.
+    """
+    from rich.console import Console
+
+    from service.client import Client, ClientError, save_output, wait_for_job
+
+    console = Console(stderr=True)
+    params = {"prompt": prompt, "model_id": model_id, "num_frames": num_frames}
+    try:
+        client = Client.from_environment()
+        job = client.submit(image_or_url, {k: v for k, v in params.items() if v is not None})
+        console.print(f"job [bold]{job['id']}[/bold] {job['status']}")
+        if wait or output:
+            job = wait_for_job(client, job, console)
+            if job["status"] == "completed" and output:
+                size = save_output(client, job, output, console)
+                console.print(f"saved {output} ({size} bytes)")
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(job))
+    if (wait or output) and job["status"] != "completed":
+        error = job.get("error") or {}
+        console.print(f"[red]job {job['id']} {job['status']}: {error.get('message')}[/red]")
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--forward-to", help="POST every event here, signed (Standard Webhooks).")
+@click.option("--secret", help="Sign forwarded events with this whsec_ secret (default: new).")
+@click.option("--type", "event_type", help="Only events of this type, e.g. job.completed.")
+def listen(forward_to: str | None, secret: str | None, event_type: str | None) -> None:
+    """Print events live, like `stripe listen`; Ctrl-C stops."""
+    from rich.console import Console
+
+    from service.client import Client, ClientError
+    from service.client import listen as follow
+
+    try:
+        follow(
+            Client.from_environment(),
+            console=Console(),
+            forward_to=forward_to,
+            secret=secret,
+            event_type=event_type,
+        )
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        pass
 
 
 def _duration(_ctx: object, _param: object, value: str) -> object:

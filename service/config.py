@@ -80,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
     "CHAT_PROJECT": "default",
     "CHAT_RATE_LIMIT": "10/hour",
     "CHAT_ALLOWED": None,
+    "STREAMS_MAX": 100,
+    "STREAM_HEARTBEAT": 15,
     # Unprefixed, as Sentry names them; read from the environment when not in the mapping.
     "SENTRY_DSN": None,
     "SENTRY_ENVIRONMENT": None,
@@ -283,6 +285,8 @@ class Settings:
     chat_rate_limit: str = "10/hour"
     # Workspace and guild ids allowed to use the chat apps; empty: all.
     chat_allowed: tuple[str, ...] = ()
+    streams_max: int = 100
+    stream_heartbeat: float = 15.0
     sentry_dsn: str | None = field(default=None, repr=False)
     sentry_environment: str | None = None
     sentry_traces_sample_rate: float = 0.0
@@ -403,6 +407,8 @@ class Settings:
             chat_project=str(config.get("CHAT_PROJECT") or "default"),
             chat_rate_limit=str(config.get("CHAT_RATE_LIMIT") or "10/hour"),
             chat_allowed=_as_list(config.get("CHAT_ALLOWED")),
+            streams_max=int(config["STREAMS_MAX"]),
+            stream_heartbeat=_as_seconds("STREAM_HEARTBEAT", config["STREAM_HEARTBEAT"]),
             **_sentry_settings(config),
         )
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    FetchedValue,
     Float,
     ForeignKey,
     Index,
@@ -190,6 +191,9 @@ class CallbackRecord(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+BIGINT_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
 class Event(Base):
     __tablename__ = "events"
 
@@ -199,8 +203,17 @@ class Event(Base):
     job_id: Mapped[str | None] = mapped_column(String(40), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     payload: Mapped[dict[str, Any]]
+    # The order of the events API and streams, filled in by the database (migration
+    # 0005, service/eventlog.py); never read back after an insert.
+    # Nullable: SQLite's trigger fills seq in just after the insert.
+    seq: Mapped[int | None] = mapped_column(BIGINT_ID, server_default=FetchedValue(), deferred=True)
+    txid: Mapped[int] = mapped_column(BIGINT_ID, server_default=FetchedValue(), deferred=True)
+    __mapper_args__ = {"eager_defaults": False}
 
-    __table_args__ = (Index("ix_events_project_id", "project_id"),)
+    __table_args__ = (
+        Index("ix_events_project_id", "project_id"),
+        Index("ix_events_position", "txid", "seq", unique=True),
+    )
 
 
 class Subscription(Base):

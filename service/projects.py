@@ -58,16 +58,29 @@ def resolve_token(
         return Principal(ADMIN, None, fingerprint)
     if is_one_of(token, api_tokens):
         return Principal(WRITE, DEFAULT_PROJECT_ID, fingerprint)
+    return _stored_token(db, token_hash(token))
+
+
+def resolve_token_hash(
+    db: Database, digest: str, *, api_tokens: tuple[str, ...], admin_tokens: tuple[str, ...]
+) -> Principal | None:
+    """:func:`resolve_token` for a token known only by its hash (the dashboard's session)."""
+    if is_one_of(digest, [token_hash(token) for token in admin_tokens]):
+        return Principal(ADMIN, None, digest[:32])
+    if is_one_of(digest, [token_hash(token) for token in api_tokens]):
+        return Principal(WRITE, DEFAULT_PROJECT_ID, digest[:32])
+    return _stored_token(db, digest)
+
+
+def _stored_token(db: Database, digest: str) -> Principal | None:
     with db.transaction() as session:
         row = session.execute(
-            select(ApiToken.scope, ApiToken.project_id).where(
-                ApiToken.token_hash == token_hash(token)
-            )
+            select(ApiToken.scope, ApiToken.project_id).where(ApiToken.token_hash == digest)
         ).first()
     if row is None:
         return None
     scope, project_id = row
-    return Principal(scope, None if scope == ADMIN else project_id, fingerprint)
+    return Principal(scope, None if scope == ADMIN else project_id, digest[:32])
 
 
 def project_resource(project: Project, *, webhook_secret: str | None = None) -> dict[str, Any]:

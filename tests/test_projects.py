@@ -263,6 +263,7 @@ def foreign_calls(ids: dict[str, str]) -> list[tuple[str, str, dict[str, Any] | 
     since = (datetime.now(UTC) - timedelta(days=1)).isoformat()
     return [
         ("get", f"/v1/jobs/{job}", None),
+        ("get", f"/v1/jobs/{job}/stream", None),
         ("get", f"/v1/subscriptions/{sub}", None),
         ("patch", f"/v1/subscriptions/{sub}", {"url": "http://127.0.0.1:8/evil", "enabled": False}),
         ("delete", f"/v1/subscriptions/{sub}", None),

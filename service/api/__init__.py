@@ -9,6 +9,7 @@ from flask_smorest import Api as SmorestApi
 from werkzeug.exceptions import HTTPException
 
 from schemas.jobs import JobCreateSchema
+from service.api import docs
 from service.api.errors import register_database_errors
 from service.extension import services
 
@@ -18,12 +19,9 @@ API_SETTINGS = {
     "OPENAPI_VERSION": "3.0.3",
     "OPENAPI_URL_PREFIX": "/",
     "OPENAPI_JSON_PATH": "openapi.json",
-    "OPENAPI_SWAGGER_UI_PATH": "/docs",
-    "OPENAPI_SWAGGER_UI_URL": "https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    **docs.SETTINGS,
     "API_SPEC_OPTIONS": {
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
+        "components": {"securitySchemes": docs.SECURITY_SCHEMES},
         "info": {
             "description": "Submit ModelsLab image-to-video jobs and get told when they finish."
         },
@@ -91,11 +89,13 @@ def add_security_headers(response: Response) -> Response:
 
 def register_api(app: Flask) -> Api:
     """Attach every blueprint and the OpenAPI documents to ``app``."""
+    from service import dashboard
     from service.api import (
         admin,
         callbacks,
         chat,
         deliveries,
+        events,
         health,
         jobs,
         metrics,
@@ -109,9 +109,12 @@ def register_api(app: Flask) -> Api:
         app.config.setdefault(key, value)
     api = Api(app)
     api.spec.components.schema("JobCreate", schema=JobCreateSchema)
+    api.spec.components.schema("JobCreateForm", docs.job_form_schema(api.ma_plugin.converter))
     api.register_blueprint(jobs.blp)
     api.register_blueprint(subscriptions.blp)
     api.register_blueprint(deliveries.blp)
+    api.register_blueprint(events.blp)
+    events.init_streams(app)
     api.register_blueprint(projects.blp)
     api.register_blueprint(admin.blp)
     api.register_blueprint(callbacks.blp)
@@ -119,6 +122,8 @@ def register_api(app: Flask) -> Api:
     api.register_blueprint(health.blp)
     api.register_blueprint(metrics.blp)
     app.register_blueprint(media_bp)
+    app.register_blueprint(docs.assets)
+    dashboard.init_app(app)
     svc = app.extensions["motionhook"]
     register_database_errors(app, svc.db, api.handle_http_exception)
     init_limiter(app, svc.settings)

@@ -23,7 +23,16 @@ blp = Blueprint(
 @blp.post("/modelslab/<string:track_id>")
 @blp.doc(
     security=[],
-    parameters=[{"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}}],
+    parameters=[
+        {
+            "name": "sig",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "HMAC-SHA256 of the track_id under MOTIONHOOK_CALLBACK_SECRET, "
+            "put into the callback URL motionhook hands ModelsLab",
+        }
+    ],
     requestBody={"content": {"application/json": {"schema": {"type": "object"}}}},
 )
 def modelslab_callback(track_id: str) -> tuple[dict[str, Any], int]:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from schemas import strict_json
 from schemas.jobs import JobCreateSchema, JobListArgs, JobPageSchema, JobSchema
 from service.api.auth import client_project, owned, require_client
+from service.api.docs import IDEMPOTENCY_KEY, JOB_EXAMPLE
 from service.api.errors import abort
 from service.extension import services
 from service.jobs import (
@@ -34,18 +35,8 @@ JSON_FIELDS_IN_FORMS = ("metadata", "webhook_events")
 REQUEST_BODY = {
     "required": True,
     "content": {
-        "application/json": {"schema": "JobCreate"},
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "string", "format": "binary"},
-                    "prompt": {"type": "string"},
-                    "model_id": {"type": "string"},
-                },
-                "required": ["image"],
-            }
-        },
+        "application/json": {"schema": "JobCreate", "example": JOB_EXAMPLE},
+        "multipart/form-data": {"schema": "JobCreateForm"},
     },
 }
 
@@ -105,7 +96,7 @@ def _load_params() -> tuple[dict[str, Any], bytes | None]:
 
 
 @blp.post("")
-@blp.doc(requestBody=REQUEST_BODY, security=[{"bearer": []}])
+@blp.doc(requestBody=REQUEST_BODY, parameters=[IDEMPOTENCY_KEY], security=[{"bearer": []}])
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="Replay of an Idempotency-Key")
 @blp.alt_response(409, description="Idempotency-Key reused with another body")

@@ -1,0 +1,145 @@
+"""The dashboard and /docs in a real browser: Playwright driving Debian's Chromium.
+
+Playwright cannot download its own browsers here; ``.ci/run`` installs Debian's
+``chromium``. Without it (or without playwright) these tests skip and say why.
+Every page runs with the network limited to the stack on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from service.devstack import SAMPLE_IMAGE, Stack
+from tests.conftest import eventually
+from tests.sinks import Sink
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, Route
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-background-networking"]
+WAIT_MS = 30_000
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        shutil.which(CHROMIUM) is None,
+        reason=f"{CHROMIUM} not found: `apt-get install -y chromium` (.ci/run does)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def blocked() -> list[str]:
+    """Every URL a page tried outside 127.0.0.1."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Browser, blocked: list[str]) -> Iterator[Page]:
+    """A fresh page whose requests may only go to 127.0.0.1 (everything else is aborted)."""
+    context = browser.new_context()
+
+    def only_loopback(route: Route) -> None:
+        url = route.request.url
+        if urlsplit(url).hostname == "127.0.0.1" or url.startswith("data:"):
+            route.continue_()
+        else:
+            blocked.append(url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    context.close()
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., Stack]) -> Iterator[Stack]:
+    stack = make_stack()
+    stack.start_all()
+    yield stack
+
+
+def sign_in(page: Page, stack: Stack) -> None:
+    page.goto(f"{stack.web_url}/dashboard/")
+    page.fill("#token", stack.token)
+    page.click("button[type=submit]")
+    page.wait_for_selector("table#jobs")
+
+
+def test_upload_watch_the_job_complete_live_and_play_the_video(
+    page: Page, stack: Stack, blocked: list[str]
+) -> None:
+    sign_in(page, stack)
+    cookie = page.context.cookies()[0]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    page.set_input_files("input[name=image]", str(SAMPLE_IMAGE))
+    page.fill("input[name=prompt]", "a slow zoom")
+    page.click("form[enctype] button[type=submit]")
+    page.wait_for_selector("h1 [data-status]")
+    landed = page.url
+    page.evaluate("window.__notReloaded = true")
+    page.wait_for_selector("h1 .status-completed")
+    page.wait_for_function("document.getElementById('video').readyState >= 2")
+    assert page.evaluate("window.__notReloaded") is True
+    assert page.url == landed
+    timeline = page.inner_text("#timeline")
+    assert "job.processing" in timeline and "job.completed" in timeline
+    assert stack.token not in page.url
+    assert blocked == []
+
+
+def test_a_failed_delivery_turns_delivered_with_the_retry_button(page: Page, stack: Stack) -> None:
+    # A 400 fails the delivery for good (no automatic retry): only the button sends it again.
+    sink = Sink(lambda n, _r: (400, {}, b"not yet") if n == 1 else (200, {}, b"ok"))
+    try:
+        api = stack.api()
+        body = {"kind": "webhook", "url": sink.url, "events": ["job.completed"]}
+        sub = api.post(f"{stack.web_url}/v1/subscriptions", json=body, timeout=10).json()
+        sent = api.post(f"{stack.web_url}/v1/subscriptions/{sub['id']}/test", timeout=10).json()
+        delivery_url = f"{stack.web_url}/v1/deliveries/{sent['delivery_id']}"
+        eventually(
+            stack,
+            lambda: api.get(delivery_url, timeout=10).json()["status"] == "failed",
+            "the first attempt to fail",
+        )
+        sign_in(page, stack)
+        page.goto(f"{stack.web_url}/dashboard/deliveries")
+        page.click(f"a:text('{sent['delivery_id']}')")
+        page.wait_for_selector("h1 .status-failed")
+        page.click("#retry")
+        page.wait_for_selector("h1 .status-delivered")
+        assert page.locator("#attempts tbody tr").count() == 2
+        assert len(sink.received) == 2
+    finally:
+        sink.close()
+
+
+def test_docs_render_every_operation_with_no_network(
+    page: Page, stack: Stack, blocked: list[str]
+) -> None:
+    spec = requests.get(f"{stack.web_url}/openapi.json", timeout=10).json()
+    operations = sum(
+        1 for item in spec["paths"].values() for method in item if method != "parameters"
+    )
+    page.goto(f"{stack.web_url}/docs")
+    page.wait_for_function(f"document.querySelectorAll('.opblock').length >= {operations}")
+    assert page.locator(".opblock").count() == operations
+    assert blocked == []

@@ -1,0 +1,161 @@
+"""``/dashboard`` over HTTP: signing in, the session cookie, CSRF, and every form."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+from flask.testing import FlaskClient
+
+from service.devstack import SAMPLE_IMAGE
+from service.extension import Services
+from service.models import Delivery
+from tests.conftest import TOKEN
+
+
+def csrf(client: FlaskClient, path: str = "/dashboard/login") -> str:
+    page = client.get(path).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, page
+    return match.group(1)
+
+
+@pytest.fixture
+def signed_in(client: FlaskClient) -> FlaskClient:
+    token = csrf(client)
+    response = client.post("/dashboard/login", data={"token": TOKEN, "csrf_token": token})
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return client
+
+
+def post(client: FlaskClient, path: str, **form: object) -> tuple[int, str]:
+    response = client.post(path, data={"csrf_token": csrf(client, "/dashboard/"), **form})
+    return response.status_code, response.get_data(as_text=True)
+
+
+def test_pages_send_strangers_to_sign_in(client: FlaskClient) -> None:
+    response = client.get("/dashboard/")
+    assert response.status_code == 302
+    assert response.headers["Location"].endswith("/dashboard/login")
+    assert client.get("/dashboard/events/stream").status_code == 401
+
+
+def test_the_token_goes_in_a_post_form_never_a_url(client: FlaskClient) -> None:
+    page = client.get("/dashboard/login").get_data(as_text=True)
+    assert re.search(r'<form method="post" action="/dashboard/login"', page)
+    assert 'type="password"' in page
+
+
+def test_a_wrong_token_is_refused(client: FlaskClient) -> None:
+    response = client.post("/dashboard/login", data={"token": "nope", "csrf_token": csrf(client)})
+    assert response.status_code == 401
+    assert "not valid" in response.get_data(as_text=True)
+
+
+def test_forms_without_the_csrf_token_are_refused(client: FlaskClient) -> None:
+    response = client.post("/dashboard/login", data={"token": TOKEN})
+    assert response.status_code == 400
+    assert "CSRF" in response.json["message"]
+
+
+def test_session_cookie_is_httponly_strict_and_holds_no_token(client: FlaskClient) -> None:
+    response = client.post("/dashboard/login", data={"token": TOKEN, "csrf_token": csrf(client)})
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert "Path=/dashboard" in cookie
+    assert TOKEN not in cookie
+
+
+def test_a_token_that_is_no_longer_configured_signs_the_browser_out(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    assert signed_in.get("/dashboard/").status_code == 200
+    services.settings = replace(services.settings, api_tokens=("another-token",))
+    assert signed_in.get("/dashboard/").status_code == 302
+
+
+def test_uploading_an_image_creates_a_job_and_shows_it(signed_in: FlaskClient) -> None:
+    with SAMPLE_IMAGE.open("rb") as image:
+        response = signed_in.post(
+            "/dashboard/jobs",
+            data={
+                "csrf_token": csrf(signed_in, "/dashboard/"),
+                "image": (image, "sample.png"),
+                "prompt": "a slow zoom",
+                "num_frames": "8",
+            },
+            content_type="multipart/form-data",
+        )
+    assert response.status_code == 302
+    page = signed_in.get(response.headers["Location"]).get_data(as_text=True)
+    assert "a slow zoom" in page and "<video" in page and 'id="timeline"' in page
+    assert "job_" in signed_in.get("/dashboard/").get_data(as_text=True)
+
+
+def test_a_bad_upload_is_explained_not_a_500(signed_in: FlaskClient) -> None:
+    status, page = post(signed_in, "/dashboard/jobs", prompt="x", num_frames="99")
+    assert status == 422
+    assert "num_frames" in page
+
+
+def create_webhook(client: FlaskClient, services: Services) -> tuple[str, str]:
+    """Create a loopback webhook subscription through the form; return its id and page."""
+    services.settings = replace(services.settings, allow_private_targets=True)
+    status, page = post(
+        client, "/dashboard/subscriptions", kind="webhook", url="http://127.0.0.1:9/h"
+    )
+    assert status == 201
+    match = re.search(r'data-subscription="(sub_[a-z0-9]+)"', page)
+    assert match
+    return match.group(1), page
+
+
+def test_subscriptions_can_be_created_tested_rotated_toggled_and_recovered(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    sub_id, page = create_webhook(signed_in, services)
+    secret = re.search(r'id="secret">(whsec_[^<]+)<', page)
+    assert secret
+    listing = signed_in.get("/dashboard/subscriptions").get_data(as_text=True)
+    assert secret.group(1) not in listing  # shown once
+    base = f"/dashboard/subscriptions/{sub_id}"
+    status, page = post(signed_in, f"{base}/test")
+    assert status == 200 and "test.ping queued" in page
+    status, page = post(signed_in, f"{base}/rotate")
+    rotated = re.search(r'id="secret">(whsec_[^<]+)<', page)
+    assert status == 200 and rotated and rotated.group(1) != secret.group(1)
+    status, page = post(signed_in, f"{base}/enabled", enabled="0")
+    assert status == 200 and "Subscription disabled." in page
+    status, page = post(signed_in, f"{base}/recover", since="2026-01-01T00:00")
+    assert status == 409 and "enable it first" in page
+    post(signed_in, f"{base}/enabled", enabled="1")
+    status, page = post(signed_in, f"{base}/recover", since="2026-01-01T00:00")
+    assert status == 200 and "failed deliveries queued again" in page
+
+
+def test_a_private_subscription_url_is_refused_with_the_reason(signed_in: FlaskClient) -> None:
+    status, page = post(
+        signed_in, "/dashboard/subscriptions", kind="webhook", url="http://10.0.0.1/"
+    )
+    assert status == 422
+    assert "url" in page.lower()
+
+
+def test_a_delivery_shows_its_attempts_and_can_be_retried(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    sub_id, _page = create_webhook(signed_in, services)
+    post(signed_in, f"/dashboard/subscriptions/{sub_id}/test")
+    with services.db.transaction() as session:
+        delivery = session.query(Delivery).one()
+        delivery.status = "failed"
+        delivery_id = delivery.id
+    page = signed_in.get(f"/dashboard/deliveries/{delivery_id}").get_data(as_text=True)
+    assert 'id="retry"' in page and 'id="attempts"' in page
+    status, _page = post(signed_in, f"/dashboard/deliveries/{delivery_id}/retry")
+    assert status == 302
+    polled = signed_in.get(f"/dashboard/deliveries/{delivery_id}?format=json").json
+    assert polled["status"] == "pending"
+    assert delivery_id in signed_in.get("/dashboard/deliveries").get_data(as_text=True)
