@@ -70,9 +70,12 @@ def check_destination(kind: str, url: str, settings: Settings) -> None:
         )
 
 
-def _masked_url(kind: str, url: str) -> str:
-    """A target URL as shown after create: brokers without their password, chats cut."""
-    return mask_destination_url(kind, url) if kind in BROKER_KINDS else mask_target_url(kind, url)
+def _shown_url(kind: str, url: str, *, full: bool) -> str:
+    """A target URL as a response shows it: a broker's never with its password; a
+    Slack or Discord URL (itself the credential) whole only in the create response."""
+    if kind in BROKER_KINDS:
+        return mask_destination_url(kind, url)
+    return url if full else mask_target_url(kind, url)
 
 
 class SubscriptionLimitReached(Exception):
@@ -133,7 +136,7 @@ def subscription_resource(
     resource: dict[str, Any] = {
         "id": sub.id,
         "kind": sub.kind,
-        "url": sub.url if full_url else _masked_url(sub.kind, sub.url),
+        "url": _shown_url(sub.kind, sub.url, full=full_url),
         "events": list(sub.events or []),
         "description": sub.description,
         "enabled": sub.enabled,
