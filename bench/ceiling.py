@@ -13,7 +13,7 @@ callback needs, written by hand in plain psycopg (no ORM, no schema, no state
 machine): lock the job, record the result, swap its reconcile task for a download
 task, wake the workers, keep the raw body, commit. The same eight round trips as
 motionhook's; the ratio to it says what motionhook's framework and ORM cost on top
-of the database work that DESIGN §2 requires.
+of the database work the transactional outbox requires.
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ def _webhooks(scale: Scale) -> dict[str, Any]:
     return data
 
 
-# -- broker destinations (DESIGN §9) ---------------------------------------------------
+# -- broker destinations ---------------------------------------------------
 
 BROKER_KINDS = ("redis", "nats", "amqp", "sqs", "eventbridge")
 ALL_KINDS = ("webhook", *BROKER_KINDS)

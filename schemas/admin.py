@@ -1,4 +1,4 @@
-"""Operator endpoints: draining due work inside a request (DESIGN §10)."""
+"""Operator endpoints: draining due work inside a request."""
 
 from __future__ import annotations
 

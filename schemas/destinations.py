@@ -1,4 +1,4 @@
-"""Destination URLs of the event-driven subscription kinds (DESIGN §9), parsed and masked.
+"""Destination URLs of the event-driven subscription kinds, parsed and masked.
 
 A destination URL says where a broker lives and where on it events go:
 

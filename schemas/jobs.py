@@ -143,7 +143,7 @@ class JobErrorSchema(Schema):
 
 
 class JobSourceSchema(Schema):
-    """Where a chat job was asked for (DESIGN §8); null for jobs made over the API."""
+    """Where a chat job was asked for; null for jobs made over the API."""
 
     kind = fields.String(metadata={"enum": ["discord", "slack"]})
     workspace = fields.String(allow_none=True)

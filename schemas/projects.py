@@ -1,4 +1,4 @@
-"""Projects and their tokens, as admins see them (DESIGN §12)."""
+"""Projects and their tokens, as admins see them."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from schemas.jobs import EVENT_TYPES
 HTTP_KINDS = ("slack", "discord", "webhook")
 KINDS = (*HTTP_KINDS, *BROKER_KINDS)
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
-# A subscription may name every event type (DESIGN §3); by default it gets the job events.
+# A subscription may name every event type; by default it gets the job events.
 SUBSCRIPTION_EVENT_TYPES = (*EVENT_TYPES, "test.ping")
 
 URL_DOC = {

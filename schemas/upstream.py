@@ -1,4 +1,4 @@
-"""ModelsLab img2video request, response and callback shapes (DESIGN §1).
+"""ModelsLab img2video request, response and callback shapes.
 
 The parameter schema enforces ModelsLab's documented limits. The response schema
 is deliberately tolerant: ModelsLab sends ``id`` as int or str, ``output`` as a

@@ -373,7 +373,7 @@ def prune(older_than: object, media: bool, batch_size: int, dry_run: bool) -> No
 
 @main.group()
 def discord() -> None:
-    """The Discord app (DESIGN §8)."""
+    """The Discord app."""
 
 
 @discord.command("register-commands")

@@ -1,4 +1,4 @@
-"""HTTP tests for broker subscriptions (DESIGN §9): validation, masking, the guard, extras."""
+"""HTTP tests for broker subscriptions: validation, masking, the guard, extras."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Delivery policy end to end in one process: a real worker, real HTTP sinks on loopback.
 
-Each scenario ends as DESIGN §3 says, and is checked through the deliveries API.
+Each scenario ends as the delivery policy says, and is checked through the deliveries API.
 """
 
 from __future__ import annotations

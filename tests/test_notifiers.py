@@ -29,7 +29,7 @@ LONG_EMOJI_PROMPT = ("A red fox 🦊 jumps & <runs> past 👨‍👩‍👧 at d
 
 
 def job(**changes: Any) -> dict[str, Any]:
-    """Return a completed job resource as in DESIGN §3, with ``changes`` applied."""
+    """Return a completed job resource, with ``changes`` applied."""
     resource: dict[str, Any] = {
         "id": "job_k3jx5",
         "status": "completed",

@@ -1,4 +1,4 @@
-"""Projects and scoped tokens through the HTTP API (DESIGN §12).
+"""Projects and scoped tokens through the HTTP API.
 
 Two projects side by side: every client endpoint answers project B's token on
 project A's resource with 404 and changes nothing; lists show only one's own rows;

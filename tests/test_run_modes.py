@@ -1,4 +1,4 @@
-"""Run modes (DESIGN §10): ``serve`` in one process, ``worker --drain``, the drain endpoint.
+"""Run modes: ``serve`` in one process, ``worker --drain``, the drain endpoint.
 
 ``serve`` runs as a real process over loopback with the simulator and a local
 receiver; the drain endpoint runs in the app with a real local sink.

@@ -1,4 +1,4 @@
-"""``/v1/admin``: operator endpoints for admin tokens only (DESIGN §10, §12)."""
+"""``/v1/admin``: operator endpoints for admin tokens only."""
 
 from __future__ import annotations
 

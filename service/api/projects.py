@@ -1,4 +1,4 @@
-"""``/v1/projects``: projects and their tokens, for admin tokens only (DESIGN §12)."""
+"""``/v1/projects``: projects and their tokens, for admin tokens only."""
 
 from __future__ import annotations
 

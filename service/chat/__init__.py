@@ -1,1 +1,1 @@
-"""Chat apps: people ask for a video from inside Slack or Discord (DESIGN §8)."""
+"""Chat apps: people ask for a video from inside Slack or Discord."""

@@ -1,4 +1,4 @@
-"""A faithful local stand-in for ModelsLab's image-to-video API (DESIGN.md §1, §6).
+"""A faithful local stand-in for ModelsLab's image-to-video API.
 
 Same paths, validation and answer shapes as ModelsLab, integer ids, ``processing``
 answers with ``eta``/``fetch_result``/``future_links``, a real MP4 or GIF rendered

@@ -1,4 +1,4 @@
-"""Event-driven destinations (DESIGN §9): RabbitMQ, NATS JetStream, Redis Streams, SQS, EventBridge.
+"""Event-driven destinations: RabbitMQ, NATS JetStream, Redis Streams, SQS, EventBridge.
 
 A delivery to a broker is one publish of the event envelope, byte for byte the body
 a webhook gets, with the Standard Webhooks ``webhook-id``, ``webhook-timestamp`` and
