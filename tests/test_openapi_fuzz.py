@@ -129,6 +129,8 @@ def api_schema(fuzzed_app: Flask, request: pytest.FixtureRequest) -> Any:
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+# Every operation is fuzzed in one test: on a busy 2-core machine that takes minutes.
+@pytest.mark.timeout(1200)
 @schema.parametrize()
 @settings(
     max_examples=30,
