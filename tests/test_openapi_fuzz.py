@@ -136,6 +136,8 @@ STREAMS = ["/v1/events/stream", "/v1/jobs/{job_id}/stream"]
     suppress_health_check=list(HealthCheck),
 )
 def test_no_input_causes_a_server_error(case: schemathesis.Case, existing: Existing) -> None:
+    if case.path in STREAMS:
+        pytest.skip("event streams never end (their inputs: tests/test_events_api.py)")
     case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
     if existing.aim(case):
         response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
