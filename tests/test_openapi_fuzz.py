@@ -121,12 +121,11 @@ def api_schema(fuzzed_app: Flask, request: pytest.FixtureRequest) -> Any:
         request.node._nodeid = request.node.nodeid
     # Event streams never end, so a fuzzer's read of one would never return; their
     # inputs are checked in tests/test_events_api.py.
-    return schemathesis.openapi.from_wsgi("/openapi.json", fuzzed_app).exclude(
-        path_regex=r"/stream$"
-    )
+    return schemathesis.openapi.from_wsgi("/openapi.json", fuzzed_app).exclude(path=STREAMS)
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+STREAMS = ["/v1/events/stream", "/v1/jobs/{job_id}/stream"]
 
 
 # Every operation is fuzzed in one test: on a busy 2-core machine that takes minutes.
@@ -139,6 +138,8 @@ schema = schemathesis.pytest.from_fixture("api_schema")
     suppress_health_check=list(HealthCheck),
 )
 def test_no_input_causes_a_server_error(case: schemathesis.Case, existing: Existing) -> None:
+    if case.path in STREAMS:
+        pytest.skip("event streams never end (their inputs: tests/test_events_api.py)")
     case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
     if existing.aim(case):
         response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
