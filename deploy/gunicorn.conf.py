@@ -30,8 +30,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count
 # is read); under gevent /healthz kept answering within 0.2 s, and within 1.4 s with
 # 800 (README "Security"; tests/test_e2e_slow_clients.py). Reading a request's
 # headers is bounded by ``keepalive`` seconds; a body is read as the app asks for it.
-# psycopg 3 (>= 3.1.14) and requests cooperate with gevent once gunicorn has patched
-# the standard library in each worker.
+# requests cooperates with gevent once gunicorn has patched the standard library in
+# each worker; psycopg does once post_worker_init has re-chosen its wait function.
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
 # Open connections per worker (gevent), slow ones and event streams included; beyond
 # it a worker stops accepting until one closes.
@@ -100,10 +100,22 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """On SIGTERM, end event streams first: they would hold the worker for graceful_timeout."""
+    """Make database waits cooperative; on SIGTERM, end event streams first.
+
+    psycopg picks its wait function when it is first imported, and this file's
+    logging setup imports it in the master, before gevent patches the worker: its
+    C wait would then block every greenlet of the worker while one query runs.
+    ``wait_select`` calls ``select.select``, which gevent has made cooperative.
+    Event streams would hold the worker for graceful_timeout on SIGTERM.
+    """
     import signal
 
+    from psycopg import waiting
+
     from service.streams import stop_streams
+
+    if worker.cfg.worker_class_str == "gevent":
+        waiting.wait = waiting.wait_select
 
     previous = signal.getsignal(signal.SIGTERM)
 

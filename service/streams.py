@@ -242,9 +242,8 @@ class Hub:
                     held_back = self._catch_up()
                     while True:
                         timeout = HELD_BACK_RETRY if held_back else SAFETY_CHECK
-                        # Wait with select, which gevent makes cooperative: psycopg's own
-                        # wait was chosen when the gunicorn master imported it, before
-                        # gevent patched this worker, and would block every greenlet.
+                        # Wait for the first notification (select is cooperative under
+                        # gevent), then drain every one that came with it.
                         select.select([conn.fileno()], [], [], timeout)
                         for _ in conn.notifies(timeout=0.0):
                             pass  # drain: one read of the log serves them all

@@ -17,8 +17,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
+from sqlalchemy import create_engine, text
 
-from service.devstack import Stack
+from service.db import normalize_url
+from service.devstack import Stack, wait_until
 
 SLOW_CONNECTIONS = 200
 DURATION = 8.0
@@ -100,3 +102,42 @@ def test_slow_clients_do_not_stop_health_checks_or_requests(
         pause.wait(0.2)
     assert probes >= 15
     assert failures == [], f"{len(failures)} of {probes} probes failed (worst {worst:.2f} s)"
+
+
+def test_a_request_waiting_on_the_database_does_not_hold_up_the_others(
+    make_stack: Callable[..., Stack], stack_database_url: str
+) -> None:
+    """One gevent worker: while a query waits on a lock, /healthz still answers at once.
+
+    psycopg was first imported by gunicorn's master, before gevent patched the
+    worker; its C wait would block the whole worker for as long as the query waits.
+    """
+    if stack_database_url.startswith("sqlite"):
+        pytest.skip("SQLite calls block in C; only PostgreSQL waits on a socket")
+    stack = make_stack()
+    stack.simulator = False
+    stack.migrate()
+    stack.start_web({"WEB_CONCURRENCY": "1"})
+    session = stack.api()
+    engine = create_engine(normalize_url(stack_database_url))
+    blocked: list[int] = []
+    with engine.connect() as locker:
+        locker.execute(text("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE"))
+        thread = threading.Thread(
+            target=lambda: blocked.append(
+                session.get(stack.web_url + "/v1/jobs", timeout=30).status_code
+            ),
+            daemon=True,
+        )
+        thread.start()
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        wait_until(lambda: locker.execute(waiting).scalar_one() > 0, timeout=10)
+        health = requests.get(stack.web_url + "/healthz", timeout=PROBE_TIMEOUT)
+        assert health.status_code == 200
+        assert thread.is_alive(), "the list should still be waiting on the lock"
+        locker.rollback()
+    thread.join(timeout=10)
+    assert blocked == [200]
