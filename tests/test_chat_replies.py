@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from service.chat.replies import discord_reply_target, send_reply
 from service.cli import main
-from service.config import Settings
 from service.extension import Services
 from service.jobs import create_job
 from service.models import JobStatus
@@ -43,17 +42,18 @@ def chat_job(services: Services) -> dict[str, Any]:
     return {"id": "evt_1", "type": "job.completed", "data": data}
 
 
-def settings_with(services: Services, api: LocalServer, **changes: Any) -> Settings:
-    return replace(services.settings, discord_api_url=api.url + "/api", **changes)
+def services_with(services: Services, api: LocalServer, **changes: Any) -> Services:
+    settings = replace(services.settings, discord_api_url=api.url + "/api", **changes)
+    return replace(services, settings=settings)
 
 
 def test_expired_token_posts_the_result_to_the_channel_with_the_bot_token(
     services: Services,
     api: LocalServer,
 ) -> None:
-    settings = settings_with(services, api, discord_bot_token="bot-secret")
+    configured = services_with(services, api, discord_bot_token="bot-secret")
     http = make_session(allow_private=True)
-    result = send_reply(services.db, settings, http, chat_job(services), now=later())
+    result = send_reply(configured, http, chat_job(services), now=later())
     assert result.outcome.result == "delivered"
     [request] = api.received
     assert (request.method, request.path) == ("POST", "/api/channels/c1/messages")
@@ -64,9 +64,9 @@ def test_expired_token_posts_the_result_to_the_channel_with_the_bot_token(
 def test_expired_token_without_bot_token_fails_naming_the_setting(
     services: Services, api: LocalServer
 ) -> None:
-    settings = settings_with(services, api, discord_bot_token=None)
+    configured = services_with(services, api, discord_bot_token=None)
     http = make_session(allow_private=True)
-    result = send_reply(services.db, settings, http, chat_job(services), now=later())
+    result = send_reply(configured, http, chat_job(services), now=later())
     assert result.outcome.result == "permanent"
     assert "MOTIONHOOK_DISCORD_BOT_TOKEN" in result.outcome.reason
     assert api.received == []

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import requests
-from flask import current_app, request
+from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
 from service.api.errors import abort
-from service.chat import discord
-from service.chat.common import ChatGate
+from service.chat import discord, slack
+from service.chat.common import BadSignature, ChatGate
 from service.extension import services
 from service.outbound import make_session
 
@@ -48,7 +48,48 @@ def discord_interactions() -> dict[str, Any]:
             timestamp=request.headers.get("X-Signature-Timestamp", ""),
             body=body,
         )
-    except discord.BadSignature as exc:
+    except BadSignature as exc:
         abort(401, message=str(exc))
     gate, http = _chat_tools()
     return discord.answer_interaction(svc, gate, http, body)
+
+
+def _slack_body() -> bytes:
+    """The raw body of a request signed by Slack; 404 unconfigured, 401 badly signed."""
+    secret = services().settings.slack_signing_secret
+    if not secret:
+        abort(404, message="the Slack app is not configured: set MOTIONHOOK_SLACK_SIGNING_SECRET")
+    body = request.get_data(cache=False)
+    try:
+        slack.verify(
+            secret,
+            signature=request.headers.get("X-Slack-Signature", ""),
+            timestamp=request.headers.get("X-Slack-Request-Timestamp", ""),
+            body=body,
+        )
+    except BadSignature as exc:
+        abort(401, message=str(exc))
+    return body
+
+
+@blp.post("/slack/commands")
+@blp.doc(security=[])
+@blp.alt_response(401, description="Not signed with MOTIONHOOK_SLACK_SIGNING_SECRET")
+@blp.alt_response(404, description="The Slack app is not configured")
+def slack_commands() -> dict[str, Any]:
+    """Answer the ``/animate <image URL> <prompt>`` slash command (an ephemeral message)."""
+    body = _slack_body()
+    gate, http = _chat_tools()
+    return slack.answer_command(services(), gate, http, body)
+
+
+@blp.post("/slack/interactions")
+@blp.doc(security=[])
+@blp.alt_response(401, description="Not signed with MOTIONHOOK_SLACK_SIGNING_SECRET")
+@blp.alt_response(404, description="The Slack app is not configured")
+def slack_interactions() -> Response:
+    """Handle the "Animate this image" message shortcut (callback id ``animate_image``)."""
+    body = _slack_body()
+    gate, http = _chat_tools()
+    slack.answer_interaction(services(), gate, http, body)
+    return Response(status=200)

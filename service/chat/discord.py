@@ -15,7 +15,15 @@ import requests
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from service.chat.common import ChatGate, ChatRefusal, submit_chat_job
+from service.chat.common import (
+    DOWNLOAD_TIMEOUT,
+    MAX_PROMPT,
+    BadSignature,
+    ChatGate,
+    ChatRefusal,
+    fetch_image,
+    submit_chat_job,
+)
 from service.chat.replies import discord_reply_target
 from service.extension import Services
 
@@ -28,9 +36,6 @@ EPHEMERAL = 1 << 6
 # Nothing a user typed may ping anyone.
 NO_MENTIONS: dict[str, list[str]] = {"parse": []}
 MODELS = ("wan2.2", "ltx-2.3")
-MAX_PROMPT = 1000
-# Seconds for the attachment download: the answer is due within 3 s.
-ATTACHMENT_TIMEOUT = 2.0
 ANIMATE_COMMAND: dict[str, Any] = {
     "name": "animate",
     "type": 1,
@@ -53,10 +58,6 @@ ANIMATE_COMMAND: dict[str, Any] = {
         },
     ],
 }
-
-
-class BadSignature(Exception):
-    """The request is not signed by Discord with the configured public key."""
 
 
 def verify(public_key: str, *, signature: str, timestamp: str, body: bytes) -> None:
@@ -149,22 +150,6 @@ def read_animate(interaction: dict[str, Any], *, max_bytes: int) -> AnimateReque
     )
 
 
-def fetch_attachment(
-    session: requests.Session, url: str, *, max_bytes: int, timeout: float
-) -> bytes:
-    """Download an attachment from Discord's CDN (its links expire, so it is stored)."""
-    try:
-        with session.get(url, timeout=timeout, stream=True) as response:
-            if response.status_code != 200:
-                raise ChatRefusal(f"image: Discord answered {response.status_code} for it")
-            body = response.raw.read(max_bytes + 1, decode_content=True)
-    except requests.RequestException:
-        raise ChatRefusal("image: could not be downloaded from Discord") from None
-    if len(body) > max_bytes:
-        raise ChatRefusal(f"image: larger than {max_bytes} bytes")
-    return bytes(body)
-
-
 def ephemeral(content: str) -> dict[str, Any]:
     """An answer only the user who asked sees."""
     return {
@@ -191,11 +176,13 @@ def answer_interaction(
             raise ChatRefusal("this interaction is not supported; try /animate")
         command = read_animate(interaction, max_bytes=settings.max_upload_bytes)
         gate.admit("discord", command.guild, command.user)
-        image = fetch_attachment(
+        # Discord's CDN links expire, so the image is stored.
+        image = fetch_image(
             http,
             command.attachment_url,
+            origin="Discord",
             max_bytes=settings.max_upload_bytes,
-            timeout=ATTACHMENT_TIMEOUT,
+            timeout=DOWNLOAD_TIMEOUT,
         )
         params: dict[str, Any] = {"prompt": command.prompt}
         if command.model:
