@@ -1,24 +1,27 @@
-"""Replies to Discord after the 15-minute interaction token: the bot-token fallback."""
+"""Chat replies: Discord after the 15-minute token, progress texts, and Slack's result paths."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
 
-from service.chat.replies import discord_reply_target, send_reply
+from service.chat.replies import discord_reply_target, send_reply, slack_reply_target
 from service.cli import main
 from service.extension import Services
 from service.jobs import create_job
 from service.models import JobStatus
 from service.outbound import make_session
 from tests.local_http import Answer, LocalServer, Received
+from tests.test_chat_slack import BOT_TOKEN, api_params, fake_slack
 
 
 def later() -> datetime:
@@ -98,3 +101,175 @@ def test_register_commands_puts_animate_with_the_bot_token(
     options = {option["name"]: option for option in command["options"]}
     assert options["image"]["type"] == 11 and options["image"]["required"] is True
     assert [c["value"] for c in options["model"]["choices"]] == ["wan2.2", "ltx-2.3"]
+
+
+# Slack.
+
+VIDEO = b"\x00\x00\x00\x18ftypmp42 not really a video"
+
+
+def slack_job(
+    services: Services,
+    slack: LocalServer,
+    *,
+    event: str = "job.completed",
+    prompt: str = "wave <!channel> & go",
+    uses: int = 0,
+    thread_ts: str | None = "1700000000.000100",
+) -> dict[str, Any]:
+    """A Slack job with a stored video (once completed); the envelope of ``event``."""
+    with services.db.transaction() as session:
+        job = create_job(session, services.db, {"prompt": prompt}, project_id="prj_default")
+        job.chat_reply = slack_reply_target(
+            channel="C1",
+            thread_ts=thread_ts,
+            response_url=f"{slack.url}/commands/T1/1/response-secret",
+            uses=uses,
+        )
+        data: dict[str, Any] = {
+            "id": job.id,
+            "model_id": "wan2.2",
+            "input": {"prompt": prompt},
+            "upstream": {"eta": 12.4},
+            "outputs": [],
+        }
+        if event == "job.completed":
+            key = f"outputs/{job.id}/0.mp4"
+            services.storage.put(key, io.BytesIO(VIDEO), content_type="video/mp4")
+            job.outputs = [{"key": key, "content_type": "video/mp4"}]
+            job.status = JobStatus.COMPLETED
+            data["outputs"] = [{"url": f"https://motionhook.example/media/{key}?sig=s"}]
+        data["status"] = job.status
+    return {"id": "evt_1", "type": event, "data": data}
+
+
+def slack_services(services: Services, slack: LocalServer, **changes: Any) -> Services:
+    settings = replace(services.settings, slack_api_url=slack.url + "/api", **changes)
+    return replace(services, settings=settings)
+
+
+def test_slack_result_is_a_v2_upload_in_the_thread_with_the_prompt(services: Services) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack()) as slack:
+        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
+        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    assert result.outcome.result == "delivered", result
+    calls = [urlsplit(r.path).path for r in slack.received]
+    assert calls == [
+        "/api/files.getUploadURLExternal",
+        "/upload/F1",
+        "/api/files.completeUploadExternal",
+    ]
+    get_url, upload, complete = slack.received
+    assert int(api_params(get_url)["length"]) == len(VIDEO)
+    assert upload.body == VIDEO
+    params = api_params(complete)
+    assert params["channel_id"] == "C1"
+    assert params["thread_ts"] == "1700000000.000100"
+    assert params["initial_comment"] == "wave &lt;!channel&gt; &amp; go"
+    assert complete.headers["authorization"] == f"Bearer {BOT_TOKEN}"
+
+
+def test_slack_ratelimited_is_retried_after_retry_after(services: Services) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack(ratelimit_first_upload=True)) as slack:
+        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
+        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    assert result.status == 429
+    assert result.outcome.result == "retry"
+    assert result.outcome.retry_after == 1.0
+
+
+def test_slack_error_with_http_200_is_not_a_success(services: Services) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack(complete_error="channel_not_found")) as slack:
+        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
+        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    assert result.outcome.result == "permanent"
+    assert "channel_not_found" in result.outcome.reason
+
+
+def test_slack_failure_is_posted_to_the_thread(services: Services) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack()) as slack:
+        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
+        envelope = slack_job(services, slack, event="job.failed")
+        envelope["data"]["error"] = {"code": "upstream_error", "message": "<!here> broke"}
+        result = send_reply(configured, http, envelope, now=datetime.now(UTC))
+    assert result.outcome.result == "delivered", result
+    [request] = slack.received
+    assert urlsplit(request.path).path == "/api/chat.postMessage"
+    params = api_params(request)
+    assert params["channel"] == "C1" and params["thread_ts"] == "1700000000.000100"
+    assert "<!here>" not in json.dumps(params) and "&lt;!here&gt;" in json.dumps(params)
+
+
+def test_slack_without_bot_token_posts_the_link_to_response_url(services: Services) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack()) as slack:
+        configured = slack_services(services, slack, slack_bot_token=None)
+        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    assert result.outcome.result == "delivered", result
+    [request] = slack.received
+    assert request.path == "/commands/T1/1/response-secret"
+    posted = json.loads(request.body)
+    assert posted["response_type"] == "in_channel"
+    assert "wave &lt;!channel&gt; &amp; go" in json.dumps(posted)
+    assert "https://motionhook.example/media/" in json.dumps(posted)
+
+
+@pytest.mark.parametrize(("uses", "minutes"), [(0, 31), (5, 1)], ids=["expired", "used five times"])
+def test_slack_without_bot_token_after_response_url_fails_naming_the_setting(
+    services: Services, uses: int, minutes: int
+) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack()) as slack:
+        configured = slack_services(services, slack, slack_bot_token=None)
+        envelope = slack_job(services, slack, uses=uses)
+        now = datetime.now(UTC) + timedelta(minutes=minutes)
+        result = send_reply(configured, http, envelope, now=now)
+    assert result.outcome.result == "permanent"
+    assert "MOTIONHOOK_SLACK_BOT_TOKEN" in result.outcome.reason
+    assert slack.received == []
+
+
+def test_slack_progress_is_an_ephemeral_generating_message(services: Services) -> None:
+    http = make_session(allow_private=True)
+    with LocalServer(fake_slack()) as slack:
+        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
+        envelope = slack_job(services, slack, event="job.processing")
+        result = send_reply(configured, http, envelope, now=datetime.now(UTC))
+        assert result.outcome.result == "delivered", result
+        [request] = slack.received
+        assert request.path == "/commands/T1/1/response-secret"
+        assert json.loads(request.body) == {
+            "text": "⏳ Generating, about 12 s",
+            "response_type": "ephemeral",
+        }
+        # Progress keeps the last of the five uses for the result.
+        late = slack_job(services, slack, event="job.processing", uses=4)
+        skipped = send_reply(configured, http, late, now=datetime.now(UTC))
+    assert skipped.outcome.result == "permanent"
+    assert len(slack.received) == 1
+
+
+def test_discord_progress_edit_says_generating_about_n_seconds(
+    services: Services, api: LocalServer
+) -> None:
+    configured = services_with(services, api)
+    http = make_session(allow_private=True)
+    with services.db.transaction() as session:
+        job = create_job(session, services.db, {"prompt": "p"}, project_id="prj_default")
+        job.chat_reply = discord_reply_target("app1", "tok", "c1")
+        job.status = JobStatus.PROCESSING
+        data = {"id": job.id, "status": "processing", "upstream": {"eta": 30}}
+    envelope = {"id": "evt_2", "type": "job.processing", "data": data}
+    result = send_reply(configured, http, envelope, now=datetime.now(UTC))
+    assert result.outcome.result == "delivered"
+    [request] = api.received
+    assert request.method == "PATCH"
+    assert json.loads(request.body) == {
+        "content": "⏳ Generating, about 30 s",
+        "embeds": [],
+        "allowed_mentions": {"parse": []},
+    }
