@@ -19,8 +19,9 @@ from service.cli import main
 from service.extension import Services
 from service.jobs import create_job
 from service.models import JobStatus
+from service.notifiers.policy import AttemptResult
 from service.outbound import make_session
-from tests.local_http import Answer, LocalServer, Received
+from tests.local_http import Answer, LocalServer, Received, Responder
 from tests.test_chat_slack import BOT_TOKEN, api_params, fake_slack
 
 
@@ -116,6 +117,7 @@ def slack_job(
     prompt: str = "wave <!channel> & go",
     uses: int = 0,
     thread_ts: str | None = "1700000000.000100",
+    error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A Slack job with a stored video (once completed); the envelope of ``event``."""
     with services.db.transaction() as session:
@@ -140,27 +142,40 @@ def slack_job(
             job.status = JobStatus.COMPLETED
             data["outputs"] = [{"url": f"https://motionhook.example/media/{key}?sig=s"}]
         data["status"] = job.status
+        data["error"] = error
     return {"id": "evt_1", "type": event, "data": data}
 
 
-def slack_services(services: Services, slack: LocalServer, **changes: Any) -> Services:
-    settings = replace(services.settings, slack_api_url=slack.url + "/api", **changes)
-    return replace(services, settings=settings)
+def send_to_slack(
+    services: Services,
+    *,
+    bot_token: str | None = BOT_TOKEN,
+    fake: Responder | None = None,
+    minutes_later: int = 0,
+    **job: Any,
+) -> tuple[AttemptResult, list[Received]]:
+    """Send one Slack reply to a fresh fake of Slack; the attempt and what Slack received."""
+    http = make_session(allow_private=True)
+    with LocalServer(fake or fake_slack()) as slack:
+        settings = replace(
+            services.settings, slack_api_url=slack.url + "/api", slack_bot_token=bot_token
+        )
+        envelope = slack_job(services, slack, **job)
+        now = datetime.now(UTC) + timedelta(minutes=minutes_later)
+        result = send_reply(replace(services, settings=settings), http, envelope, now=now)
+    return result, slack.received
 
 
 def test_slack_result_is_a_v2_upload_in_the_thread_with_the_prompt(services: Services) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack()) as slack:
-        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
-        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    result, received = send_to_slack(services)
     assert result.outcome.result == "delivered", result
-    calls = [urlsplit(r.path).path for r in slack.received]
+    calls = [urlsplit(r.path).path for r in received]
     assert calls == [
         "/api/files.getUploadURLExternal",
         "/upload/F1",
         "/api/files.completeUploadExternal",
     ]
-    get_url, upload, complete = slack.received
+    get_url, upload, complete = received
     assert int(api_params(get_url)["length"]) == len(VIDEO)
     assert upload.body == VIDEO
     params = api_params(complete)
@@ -171,33 +186,23 @@ def test_slack_result_is_a_v2_upload_in_the_thread_with_the_prompt(services: Ser
 
 
 def test_slack_ratelimited_is_retried_after_retry_after(services: Services) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack(ratelimit_first_upload=True)) as slack:
-        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
-        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    result, _ = send_to_slack(services, fake=fake_slack(ratelimit_first_upload=True))
     assert result.status == 429
     assert result.outcome.result == "retry"
     assert result.outcome.retry_after == 1.0
 
 
 def test_slack_error_with_http_200_is_not_a_success(services: Services) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack(complete_error="channel_not_found")) as slack:
-        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
-        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    result, _ = send_to_slack(services, fake=fake_slack(complete_error="channel_not_found"))
     assert result.outcome.result == "permanent"
     assert "channel_not_found" in result.outcome.reason
 
 
 def test_slack_failure_is_posted_to_the_thread(services: Services) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack()) as slack:
-        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
-        envelope = slack_job(services, slack, event="job.failed")
-        envelope["data"]["error"] = {"code": "upstream_error", "message": "<!here> broke"}
-        result = send_reply(configured, http, envelope, now=datetime.now(UTC))
+    error = {"code": "upstream_error", "message": "<!here> broke"}
+    result, received = send_to_slack(services, event="job.failed", error=error)
     assert result.outcome.result == "delivered", result
-    [request] = slack.received
+    [request] = received
     assert urlsplit(request.path).path == "/api/chat.postMessage"
     params = api_params(request)
     assert params["channel"] == "C1" and params["thread_ts"] == "1700000000.000100"
@@ -205,12 +210,9 @@ def test_slack_failure_is_posted_to_the_thread(services: Services) -> None:
 
 
 def test_slack_without_bot_token_posts_the_link_to_response_url(services: Services) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack()) as slack:
-        configured = slack_services(services, slack, slack_bot_token=None)
-        result = send_reply(configured, http, slack_job(services, slack), now=datetime.now(UTC))
+    result, received = send_to_slack(services, bot_token=None)
     assert result.outcome.result == "delivered", result
-    [request] = slack.received
+    [request] = received
     assert request.path == "/commands/T1/1/response-secret"
     posted = json.loads(request.body)
     assert posted["response_type"] == "in_channel"
@@ -222,35 +224,25 @@ def test_slack_without_bot_token_posts_the_link_to_response_url(services: Servic
 def test_slack_without_bot_token_after_response_url_fails_naming_the_setting(
     services: Services, uses: int, minutes: int
 ) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack()) as slack:
-        configured = slack_services(services, slack, slack_bot_token=None)
-        envelope = slack_job(services, slack, uses=uses)
-        now = datetime.now(UTC) + timedelta(minutes=minutes)
-        result = send_reply(configured, http, envelope, now=now)
+    result, received = send_to_slack(services, bot_token=None, uses=uses, minutes_later=minutes)
     assert result.outcome.result == "permanent"
     assert "MOTIONHOOK_SLACK_BOT_TOKEN" in result.outcome.reason
-    assert slack.received == []
+    assert received == []
 
 
 def test_slack_progress_is_an_ephemeral_generating_message(services: Services) -> None:
-    http = make_session(allow_private=True)
-    with LocalServer(fake_slack()) as slack:
-        configured = slack_services(services, slack, slack_bot_token=BOT_TOKEN)
-        envelope = slack_job(services, slack, event="job.processing")
-        result = send_reply(configured, http, envelope, now=datetime.now(UTC))
-        assert result.outcome.result == "delivered", result
-        [request] = slack.received
-        assert request.path == "/commands/T1/1/response-secret"
-        assert json.loads(request.body) == {
-            "text": "⏳ Generating, about 12 s",
-            "response_type": "ephemeral",
-        }
-        # Progress keeps the last of the five uses for the result.
-        late = slack_job(services, slack, event="job.processing", uses=4)
-        skipped = send_reply(configured, http, late, now=datetime.now(UTC))
+    result, received = send_to_slack(services, event="job.processing")
+    assert result.outcome.result == "delivered", result
+    [request] = received
+    assert request.path == "/commands/T1/1/response-secret"
+    assert json.loads(request.body) == {
+        "text": "⏳ Generating, about 12 s",
+        "response_type": "ephemeral",
+    }
+    # Progress keeps the last of the five uses for the result.
+    skipped, received = send_to_slack(services, event="job.processing", uses=4)
     assert skipped.outcome.result == "permanent"
-    assert len(slack.received) == 1
+    assert received == []
 
 
 def test_discord_progress_edit_says_generating_about_n_seconds(
