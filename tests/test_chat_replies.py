@@ -192,10 +192,16 @@ def test_slack_ratelimited_is_retried_after_retry_after(services: Services) -> N
     assert result.outcome.retry_after == 1.0
 
 
-def test_slack_error_with_http_200_is_not_a_success(services: Services) -> None:
-    result, _ = send_to_slack(services, fake=fake_slack(complete_error="channel_not_found"))
-    assert result.outcome.result == "permanent"
-    assert "channel_not_found" in result.outcome.reason
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [("channel_not_found", "permanent"), ("not_in_channel", "failed"), ("ratelimited", "retry")],
+)
+def test_slack_error_with_http_200_is_not_a_success(
+    services: Services, code: str, outcome: str
+) -> None:
+    result, _ = send_to_slack(services, fake=fake_slack(complete_error=code))
+    assert result.outcome.result == outcome
+    assert code in result.response_excerpt
 
 
 def test_slack_failure_is_posted_to_the_thread(services: Services) -> None:

@@ -314,14 +314,16 @@ def _web_api(call: Callable[[], SlackResponse]) -> AttemptResult:
         status = answer.status_code
         excerpt = _excerpt(answer)
         code = str(answer.get("error") or "")
-        if status < 300:  # Slack's Web API says "ok": false with HTTP 200
+        # ``ratelimited`` is retried after Retry-After whatever the HTTP status says.
+        effective = 429 if code == "ratelimited" else status
+        if effective < 300:  # Slack's Web API says "ok": false with HTTP 200
             reason = f"slack answered {code or 'an error'}"
             permanent = code in SLACK_PERMANENT_ERRORS
             outcome = Outcome("permanent" if permanent else "failed", reason)
         else:
             outcome = classify(
                 "slack",
-                status=status,
+                status=effective,
                 headers=dict(answer.headers or {}),
                 body=excerpt.encode(),
                 error=None,

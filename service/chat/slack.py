@@ -142,7 +142,8 @@ def read_shortcut(payload: dict[str, Any], *, max_bytes: int) -> SlackAnimate:
             else "image: the message has no image file"
         )
     image = images[0]
-    if int(image.get("size") or 0) > max_bytes:
+    size = image.get("size")
+    if isinstance(size, int) and size > max_bytes:
         raise ChatRefusal(f"image: larger than {max_bytes} bytes")
     url = str(image.get("url_private") or "")
     if not url.startswith(("https://", "http://")):
