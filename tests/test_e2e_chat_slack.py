@@ -148,17 +148,30 @@ def test_command_without_bot_token_ends_on_response_url(
     assert {d["status"] for d in replies} == {"delivered"}
 
 
-def test_bad_signature_over_real_sockets_is_401_and_creates_nothing(
+def test_signature_rate_limit_and_allow_list_over_real_sockets(
     make_stack: Callable[..., Stack], slack: LocalServer
 ) -> None:
-    stack = make_stack(**SLACK_ENV)
+    # One web process: with the default memory:// storage each process counts on its own.
+    limits = {"MOTIONHOOK_CHAT_RATE_LIMIT": "2/hour", "MOTIONHOOK_CHAT_ALLOWED": "T1"}
+    stack = make_stack(**(SLACK_ENV | limits | {"WEB_CONCURRENCY": "1"}))
     stack.migrate()
     stack.start_web()
+
+    def ask(body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
+        sent = slack_signed(body) if headers is None else headers
+        return requests.post(stack.web_url + COMMANDS, data=body, headers=sent, timeout=10)
+
     body = command_body(slack.url)
     stale = slack_signed(body, timestamp=int(time.time()) - 301)
     forged = slack_signed(body, secret="not-the-secret")
     for headers in (stale, forged):
-        answer = requests.post(stack.web_url + COMMANDS, data=body, headers=headers, timeout=10)
-        assert answer.status_code == 401
-    assert stack.api().get(stack.web_url + "/v1/jobs", timeout=5).json()["items"] == []
+        assert ask(body, headers).status_code == 401
     assert slack.received == []
+
+    texts = [ask(body).json()["text"] for _ in range(3)]
+    assert [t.startswith("Queued") for t in texts] == [True, True, False]
+    assert "please wait" in texts[2]
+    other_team = ask(command_body(slack.url, team="T2", user="U7")).json()["text"]
+    assert "not allowed" in other_team
+    jobs = stack.api().get(stack.web_url + "/v1/jobs", timeout=5).json()["items"]
+    assert len(jobs) == 2
