@@ -16,9 +16,10 @@ from click.testing import CliRunner
 
 from service.chat.replies import discord_reply_target, send_reply, slack_reply_target
 from service.cli import main
+from service.events import add_delivery, new_event
 from service.extension import Services
 from service.jobs import create_job
-from service.models import JobStatus
+from service.models import DeliveryAttempt, JobStatus
 from service.notifiers.policy import AttemptResult
 from service.outbound import make_session
 from tests.local_http import Answer, LocalServer, Received, Responder
@@ -146,12 +147,29 @@ def slack_job(
     return {"id": "evt_1", "type": event, "data": data}
 
 
+def record_answered_replies(services: Services, job_id: str, count: int) -> None:
+    """``count`` earlier slack_reply attempts of the job that Slack answered."""
+    with services.db.transaction() as session:
+        event = new_event(session, "job.processing", {}, job_id=job_id, project_id="prj_default")
+        delivery = add_delivery(
+            session, event, kind="slack_reply", subscription_id=None, target_url=None, job_id=job_id
+        )
+        session.flush()
+        for _ in range(count):
+            session.add(
+                DeliveryAttempt(
+                    delivery_id=delivery.id, status_code=200, latency_ms=1.0, outcome="delivered"
+                )
+            )
+
+
 def send_to_slack(
     services: Services,
     *,
     bot_token: str | None = BOT_TOKEN,
     fake: Responder | None = None,
     minutes_later: int = 0,
+    answered_before: int = 0,
     **job: Any,
 ) -> tuple[AttemptResult, list[Received]]:
     """Send one Slack reply to a fresh fake of Slack; the attempt and what Slack received."""
@@ -161,6 +179,7 @@ def send_to_slack(
             services.settings, slack_api_url=slack.url + "/api", slack_bot_token=bot_token
         )
         envelope = slack_job(services, slack, **job)
+        record_answered_replies(services, envelope["data"]["id"], answered_before)
         now = datetime.now(UTC) + timedelta(minutes=minutes_later)
         result = send_reply(replace(services, settings=settings), http, envelope, now=now)
     return result, slack.received
@@ -226,11 +245,17 @@ def test_slack_without_bot_token_posts_the_link_to_response_url(services: Servic
     assert "https://motionhook.example/media/" in json.dumps(posted)
 
 
-@pytest.mark.parametrize(("uses", "minutes"), [(0, 31), (5, 1)], ids=["expired", "used five times"])
+@pytest.mark.parametrize(
+    ("uses", "answered", "minutes"),
+    [(0, 0, 31), (5, 0, 1), (1, 4, 0)],
+    ids=["expired", "used five times", "ack and four replies"],
+)
 def test_slack_without_bot_token_after_response_url_fails_naming_the_setting(
-    services: Services, uses: int, minutes: int
+    services: Services, uses: int, answered: int, minutes: int
 ) -> None:
-    result, received = send_to_slack(services, bot_token=None, uses=uses, minutes_later=minutes)
+    result, received = send_to_slack(
+        services, bot_token=None, uses=uses, answered_before=answered, minutes_later=minutes
+    )
     assert result.outcome.result == "permanent"
     assert "MOTIONHOOK_SLACK_BOT_TOKEN" in result.outcome.reason
     assert received == []

@@ -98,7 +98,8 @@ class _ReplyJob:
     finished: bool
     # Storage key of the first stored output, if any.
     video_key: str | None
-    # Slack: posts to the response_url so far (the acknowledgement and every attempt).
+    # Slack: posts to the response_url so far (the acknowledgement and each answered
+    # attempt; with a bot token the result's calls count too, harmlessly: they come last).
     response_url_uses: int
 
 
@@ -127,7 +128,11 @@ def _read_job(services: Services, job_id: str) -> _ReplyJob | None:
                 select(func.count())
                 .select_from(DeliveryAttempt)
                 .join(Delivery, Delivery.id == DeliveryAttempt.delivery_id)
-                .where(Delivery.job_id == job_id, Delivery.kind == SLACK_REPLY)
+                .where(
+                    Delivery.job_id == job_id,
+                    Delivery.kind == SLACK_REPLY,
+                    DeliveryAttempt.status_code.is_not(None),
+                )
             )
             uses = int(target.get("response_url_uses") or 0) + int(attempts or 0)
         return _ReplyJob(
