@@ -119,6 +119,7 @@ def slack_job(
     uses: int = 0,
     thread_ts: str | None = "1700000000.000100",
     error: dict[str, str] | None = None,
+    stored: bool = True,
 ) -> dict[str, Any]:
     """A Slack job with a stored video (once completed); the envelope of ``event``."""
     with services.db.transaction() as session:
@@ -138,7 +139,8 @@ def slack_job(
         }
         if event == "job.completed":
             key = f"outputs/{job.id}/0.mp4"
-            services.storage.put(key, io.BytesIO(VIDEO), content_type="video/mp4")
+            if stored:
+                services.storage.put(key, io.BytesIO(VIDEO), content_type="video/mp4")
             job.outputs = [{"key": key, "content_type": "video/mp4"}]
             job.status = JobStatus.COMPLETED
             data["outputs"] = [{"url": f"https://motionhook.example/media/{key}?sig=s"}]
@@ -232,6 +234,14 @@ def test_slack_failure_is_posted_to_the_thread(services: Services) -> None:
     params = api_params(request)
     assert params["channel"] == "C1" and params["thread_ts"] == "1700000000.000100"
     assert "<!here>" not in json.dumps(params) and "&lt;!here&gt;" in json.dumps(params)
+
+
+def test_slack_video_pruned_meanwhile_is_posted_as_its_link(services: Services) -> None:
+    result, received = send_to_slack(services, stored=False)
+    assert result.outcome.result == "delivered", result
+    [request] = received
+    assert urlsplit(request.path).path == "/api/chat.postMessage"
+    assert "https://motionhook.example/media/" in json.dumps(api_params(request))
 
 
 def test_slack_without_bot_token_posts_the_link_to_response_url(services: Services) -> None:

@@ -267,7 +267,10 @@ def _post_response_url(
 
 
 def _post_result(services: Services, envelope: Mapping[str, Any], job: _ReplyJob) -> SlackResponse:
-    """Upload the video to the channel (the thread), or post the failure there."""
+    """Upload the video to the channel (the thread); else post the message there.
+
+    The message: a failure, or a video that is not stored (any more), by its link.
+    """
     settings = services.settings
     # One attempt per delivery attempt: the delivery policy does the retrying.
     client = WebClient(
@@ -279,9 +282,10 @@ def _post_result(services: Services, envelope: Mapping[str, Any], job: _ReplyJob
     channel = str(job.target["channel"])
     thread_ts = job.target.get("thread_ts")
     data = envelope.get("data") or {}
-    if envelope.get("type") == "job.completed" and job.video_key:
-        with services.storage.open(job.video_key) as video:
-            content = video.read()
+    content = (
+        _stored_video(services, job.video_key) if envelope.get("type") == "job.completed" else None
+    )
+    if content is not None:
         prompt = fit(job_prompt(data), INITIAL_COMMENT_LIMIT, escape=slack_render.escape_char)
         return client.files_upload_v2(
             channel=channel,
@@ -295,6 +299,17 @@ def _post_result(services: Services, envelope: Mapping[str, Any], job: _ReplyJob
     return client.chat_postMessage(
         channel=channel, thread_ts=thread_ts, text=payload["text"], blocks=payload["blocks"]
     )
+
+
+def _stored_video(services: Services, key: str | None) -> bytes | None:
+    """The stored video, or None when there is none (not stored, or pruned since)."""
+    if key is None:
+        return None
+    try:
+        with services.storage.open(key) as video:
+            return video.read()
+    except FileNotFoundError:
+        return None
 
 
 def _excerpt(response: SlackResponse) -> str:
