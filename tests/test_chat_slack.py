@@ -252,6 +252,17 @@ def test_shortcut_refusals_name_the_problem(change: dict[str, Any], named: str) 
         read_shortcut(shortcut_payload("https://files.example", **change), max_bytes=10_000)
 
 
+@pytest.mark.parametrize(
+    "message",
+    [None, "text", {"files": "F0", "text": "x"}, {"files": [1, None], "text": "x"}],
+    ids=["no message", "message not an object", "files not a list", "files not objects"],
+)
+def test_shortcut_of_odd_shape_is_refused_not_a_crash(message: Any) -> None:
+    payload = shortcut_payload("https://files.example") | {"message": message}
+    with pytest.raises(ChatRefusal, match="image: the message has no image file"):
+        read_shortcut(payload, max_bytes=10_000)
+
+
 def test_shortcut_refuses_a_file_over_the_upload_limit() -> None:
     with pytest.raises(ChatRefusal, match="image: larger than 999 bytes"):
         read_shortcut(shortcut_payload("https://files.example"), max_bytes=999)

@@ -123,6 +123,10 @@ def parse_interaction(form: dict[str, str]) -> dict[str, Any]:
     return payload
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def _id(value: Any) -> str | None:
     return str(value["id"]) if isinstance(value, dict) and value.get("id") else None
 
@@ -131,8 +135,10 @@ def read_shortcut(payload: dict[str, Any], *, max_bytes: int) -> SlackAnimate:
     """The "Animate this image" message shortcut: the message's image file and its text."""
     if payload.get("type") != MESSAGE_SHORTCUT or payload.get("callback_id") != SHORTCUT_CALLBACK:
         raise ChatRefusal(f"this shortcut is not supported; use {SHORTCUT_CALLBACK!r}")
-    message = payload.get("message") or {}
-    files = [f for f in message.get("files") or [] if isinstance(f, dict)]
+    message = payload.get("message")
+    message = message if isinstance(message, dict) else {}
+    listed = message.get("files")
+    files = [f for f in listed if isinstance(f, dict)] if isinstance(listed, list) else []
     images = [f for f in files if str(f.get("mimetype") or "").startswith("image/")]
     if not images:
         found = files[0].get("mimetype") if files else None
@@ -157,8 +163,8 @@ def read_shortcut(payload: dict[str, Any], *, max_bytes: int) -> SlackAnimate:
         user=_id(payload.get("user")) or "",
         prompt=_checked_prompt(text),
         image_url=url,
-        response_url=payload.get("response_url") or None,
-        thread_ts=message.get("thread_ts") or message.get("ts"),
+        response_url=_text(payload.get("response_url")),
+        thread_ts=_text(message.get("thread_ts")) or _text(message.get("ts")),
         private_file=True,
     )
 
@@ -233,7 +239,7 @@ def answer_interaction(
     response_url: str | None = None
     try:
         payload = parse_interaction(parse_form(body))
-        response_url = payload.get("response_url") or None
+        response_url = _text(payload.get("response_url"))
         text = _queue(
             services,
             gate,
