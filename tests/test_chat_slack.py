@@ -419,6 +419,22 @@ def test_shortcut_reads_url_private_with_the_bot_token_and_acks_on_response_url(
     assert job.chat_reply["response_url_uses"] == 1
 
 
+def test_other_interactions_are_only_acknowledged(
+    slack_app: Callable[..., Flask], slack_api: LocalServer
+) -> None:
+    flask_app = slack_app(SLACK_BOT_TOKEN=BOT_TOKEN)
+    # A click on the "Open video" link button of a posted result.
+    click = {
+        "type": "block_actions",
+        "actions": [{"action_id": "open_video", "type": "button"}],
+        "response_url": f"{slack_api.url}/actions/T1/2/response-secret",
+    }
+    response = post(flask_app.test_client(), INTERACTIONS, interaction_body(click))
+    assert response.status_code == 200
+    assert slack_api.received == []
+    assert jobs(flask_app) == []
+
+
 @pytest.mark.parametrize(
     ("token", "change", "named"),
     [

@@ -235,10 +235,13 @@ def answer_interaction(
 
     Slack takes no message in the acknowledgement of a shortcut, so "queued" or the
     refusal is posted to the interaction's ``response_url`` before the empty 200.
+    Other interactions (the "Open video" link button of a result) are only acknowledged.
     """
     response_url: str | None = None
     try:
         payload = parse_interaction(parse_form(body))
+        if payload.get("type") != MESSAGE_SHORTCUT:
+            return
         response_url = _text(payload.get("response_url"))
         text = _queue(
             services,
