@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import requests
@@ -30,46 +31,38 @@ def _chat_tools() -> tuple[ChatGate, requests.Session]:
     return tools
 
 
+def _signed_body(
+    key: str | None, app: str, setting: str, verify: Callable[[str, Mapping[str, str], bytes], None]
+) -> bytes:
+    """The raw body, checked with ``verify`` before anything reads it.
+
+    404 naming ``setting`` when the app is not configured, 401 when badly signed.
+    """
+    if not key:
+        abort(404, message=f"the {app} app is not configured: set {setting}")
+    body = request.get_data(cache=False)
+    try:
+        verify(key, {name.lower(): value for name, value in request.headers.items()}, body)
+    except BadSignature as exc:
+        abort(401, message=str(exc))
+    return body
+
+
 @blp.post("/discord/interactions")
 @blp.doc(security=[])
 @blp.alt_response(401, description="Not signed with MOTIONHOOK_DISCORD_PUBLIC_KEY")
 @blp.alt_response(404, description="The Discord app is not configured")
 def discord_interactions() -> dict[str, Any]:
     """Answer a Discord interaction (PING, or the ``/animate`` command)."""
-    svc = services()
-    public_key = svc.settings.discord_public_key
-    if not public_key:
-        abort(404, message="the Discord app is not configured: set MOTIONHOOK_DISCORD_PUBLIC_KEY")
-    body = request.get_data(cache=False)
-    try:
-        discord.verify(
-            public_key,
-            signature=request.headers.get("X-Signature-Ed25519", ""),
-            timestamp=request.headers.get("X-Signature-Timestamp", ""),
-            body=body,
-        )
-    except BadSignature as exc:
-        abort(401, message=str(exc))
+    key = services().settings.discord_public_key
+    body = _signed_body(key, "Discord", "MOTIONHOOK_DISCORD_PUBLIC_KEY", discord.verify)
     gate, http = _chat_tools()
-    return discord.answer_interaction(svc, gate, http, body)
+    return discord.answer_interaction(services(), gate, http, body)
 
 
 def _slack_body() -> bytes:
-    """The raw body of a request signed by Slack; 404 unconfigured, 401 badly signed."""
-    secret = services().settings.slack_signing_secret
-    if not secret:
-        abort(404, message="the Slack app is not configured: set MOTIONHOOK_SLACK_SIGNING_SECRET")
-    body = request.get_data(cache=False)
-    try:
-        slack.verify(
-            secret,
-            signature=request.headers.get("X-Slack-Signature", ""),
-            timestamp=request.headers.get("X-Slack-Request-Timestamp", ""),
-            body=body,
-        )
-    except BadSignature as exc:
-        abort(401, message=str(exc))
-    return body
+    key = services().settings.slack_signing_secret
+    return _signed_body(key, "Slack", "MOTIONHOOK_SLACK_SIGNING_SECRET", slack.verify)
 
 
 @blp.post("/slack/commands")

@@ -89,6 +89,35 @@ def fetch_image(
     return bytes(body)
 
 
+def queue_chat_job(
+    services: Services,
+    gate: ChatGate,
+    http: requests.Session,
+    *,
+    source: dict[str, Any],
+    image_url: str,
+    origin: str,
+    params: dict[str, Any],
+    reply: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> int | None:
+    """Admit the chat user, download and store the image, queue the job; its queue position.
+
+    Chat links to images expire (Discord's CDN) or need a token (Slack's files), so
+    the image is stored like an upload rather than passed on by URL.
+    """
+    gate.admit(source["kind"], source["workspace"], source["user"])
+    image = fetch_image(
+        http,
+        image_url,
+        origin=origin,
+        max_bytes=services.settings.max_upload_bytes,
+        timeout=DOWNLOAD_TIMEOUT,
+        headers=headers,
+    )
+    return submit_chat_job(services, source=source, image=image, params=params, reply=reply)
+
+
 def submit_chat_job(
     services: Services,
     *,

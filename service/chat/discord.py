@@ -8,6 +8,7 @@ these functions return.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +16,7 @@ import requests
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from service.chat.common import (
-    DOWNLOAD_TIMEOUT,
-    MAX_PROMPT,
-    BadSignature,
-    ChatGate,
-    ChatRefusal,
-    fetch_image,
-    submit_chat_job,
-)
+from service.chat.common import MAX_PROMPT, BadSignature, ChatGate, ChatRefusal, queue_chat_job
 from service.chat.replies import discord_reply_target
 from service.extension import Services
 
@@ -60,8 +53,13 @@ ANIMATE_COMMAND: dict[str, Any] = {
 }
 
 
-def verify(public_key: str, *, signature: str, timestamp: str, body: bytes) -> None:
-    """Check ``X-Signature-Ed25519`` (``signature``) over the timestamp + the raw body."""
+def verify(public_key: str, headers: Mapping[str, str], body: bytes) -> None:
+    """Check ``X-Signature-Ed25519`` over ``X-Signature-Timestamp`` + the raw body.
+
+    ``headers``: the request's headers, with lower-case names.
+    """
+    signature = headers.get("x-signature-ed25519", "")
+    timestamp = headers.get("x-signature-timestamp", "")
     try:
         VerifyKey(bytes.fromhex(public_key)).verify(
             timestamp.encode() + body, bytes.fromhex(signature)
@@ -175,22 +173,21 @@ def answer_interaction(
         if interaction.get("type") != APPLICATION_COMMAND:
             raise ChatRefusal("this interaction is not supported; try /animate")
         command = read_animate(interaction, max_bytes=settings.max_upload_bytes)
-        gate.admit("discord", command.guild, command.user)
-        # Discord's CDN links expire, so the image is stored.
-        image = fetch_image(
-            http,
-            command.attachment_url,
-            origin="Discord",
-            max_bytes=settings.max_upload_bytes,
-            timeout=DOWNLOAD_TIMEOUT,
-        )
         params: dict[str, Any] = {"prompt": command.prompt}
         if command.model:
             params["model_id"] = command.model
         if command.frames:
             params["num_frames"] = command.frames
-        reply = discord_reply_target(command.application_id, command.token, command.channel)
-        submit_chat_job(services, source=command.source, image=image, params=params, reply=reply)
+        queue_chat_job(
+            services,
+            gate,
+            http,
+            source=command.source,
+            image_url=command.attachment_url,
+            origin="Discord",
+            params=params,
+            reply=discord_reply_target(command.application_id, command.token, command.channel),
+        )
     except ChatRefusal as refusal:
         return ephemeral(f"Sorry, I cannot animate that: {refusal}")
     return deferred()

@@ -54,31 +54,37 @@ FINAL_EVENTS = frozenset({"job.completed", "job.failed"})
 FINISHED_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
 
 
+def _reply_target(kind: str, expiry: str, lifetime: timedelta, **where: Any) -> dict[str, Any]:
+    """A ``jobs.chat_reply``: where the job's replies go, and (``expiry``) until when."""
+    expires = datetime.now(UTC) + lifetime
+    return {"kind": kind, **where, expiry: expires.isoformat()}
+
+
 def discord_reply_target(application_id: str, token: str, channel: str | None) -> dict[str, Any]:
-    """The ``jobs.chat_reply`` of a Discord ``/animate``: where its replies go, until when."""
-    expires = datetime.now(UTC) + DISCORD_TOKEN_LIFETIME
-    return {
-        "kind": DISCORD_REPLY,
-        "application_id": application_id,
-        "token": token,
-        "channel": channel,
-        "token_expires_at": expires.isoformat(),
-    }
+    """The reply target of a Discord ``/animate``: the interaction token lives 15 minutes."""
+    return _reply_target(
+        DISCORD_REPLY,
+        "token_expires_at",
+        DISCORD_TOKEN_LIFETIME,
+        application_id=application_id,
+        token=token,
+        channel=channel,
+    )
 
 
 def slack_reply_target(
     *, channel: str | None, thread_ts: str | None, response_url: str | None, uses: int
 ) -> dict[str, Any]:
-    """The ``jobs.chat_reply`` of a Slack request; ``uses``: response_url posts already made."""
-    expires = datetime.now(UTC) + RESPONSE_URL_LIFETIME
-    return {
-        "kind": SLACK_REPLY,
-        "channel": channel,
-        "thread_ts": thread_ts,
-        "response_url": response_url,
-        "response_url_expires_at": expires.isoformat(),
-        "response_url_uses": uses,
-    }
+    """The reply target of a Slack request; ``uses``: response_url posts already made."""
+    return _reply_target(
+        SLACK_REPLY,
+        "response_url_expires_at",
+        RESPONSE_URL_LIFETIME,
+        channel=channel,
+        thread_ts=thread_ts,
+        response_url=response_url,
+        response_url_uses=uses,
+    )
 
 
 def progress_text(data: Mapping[str, Any]) -> str:

@@ -1,14 +1,14 @@
-"""Slack: signature check, the ``/animate`` slash command and the message shortcut.
+"""Slack: the v0 request signature, ``/animate <image URL> <prompt>`` and the shortcut.
 
-Pure over raw bytes and plain values, without Flask: the views in
-``service/api/chat.py`` hand the request body and headers in and send back what
-these functions return.
+Like the Discord module, these functions take the raw body and give back the
+answer; the Flask views are in ``service/api/chat.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -16,15 +16,7 @@ from urllib.parse import parse_qsl
 import requests
 from slack_sdk.signature import SignatureVerifier
 
-from service.chat.common import (
-    DOWNLOAD_TIMEOUT,
-    MAX_PROMPT,
-    BadSignature,
-    ChatGate,
-    ChatRefusal,
-    fetch_image,
-    submit_chat_job,
-)
+from service.chat.common import MAX_PROMPT, BadSignature, ChatGate, ChatRefusal, queue_chat_job
 from service.chat.replies import slack_reply_target
 from service.extension import Services
 from service.notifiers import fit
@@ -40,10 +32,10 @@ ACK_TIMEOUT = 0.8
 TEXT_LIMIT = 3000
 
 
-def verify(signing_secret: str, *, signature: str, timestamp: str, body: bytes) -> None:
+def verify(signing_secret: str, headers: Mapping[str, str], body: bytes) -> None:
     """Check ``X-Slack-Signature`` (v0 HMAC of ``v0:timestamp:body``) and the 5-minute window."""
     try:
-        valid = SignatureVerifier(signing_secret).is_valid(body, timestamp, signature)
+        valid = SignatureVerifier(signing_secret).is_valid_request(body, headers)
     except ValueError:  # a timestamp that is not a number
         valid = False
     if not valid:
@@ -187,24 +179,12 @@ def queued_text(position: int | None, prompt: str, *, thread: bool) -> str:
 
 
 def _queue(services: Services, gate: ChatGate, http: requests.Session, ask: SlackAnimate) -> str:
-    """Check the limits, fetch and store the image, queue the job; the acknowledgement text."""
-    settings = services.settings
-    gate.admit("slack", ask.team, ask.user)
-    headers = None
-    if ask.private_file:
-        if not settings.slack_bot_token:
-            raise ChatRefusal(
-                "MOTIONHOOK_SLACK_BOT_TOKEN is not set, so I cannot read files shared in Slack"
-            )
-        headers = {"Authorization": f"Bearer {settings.slack_bot_token}"}
-    image = fetch_image(
-        http,
-        ask.image_url,
-        origin="Slack" if ask.private_file else "the image host",
-        max_bytes=settings.max_upload_bytes,
-        timeout=DOWNLOAD_TIMEOUT,
-        headers=headers,
-    )
+    """Queue the job of a read request; the acknowledgement text."""
+    bot_token = services.settings.slack_bot_token
+    if ask.private_file and not bot_token:
+        raise ChatRefusal(
+            "MOTIONHOOK_SLACK_BOT_TOKEN is not set, so I cannot read files shared in Slack"
+        )
     reply = slack_reply_target(
         channel=ask.channel,
         thread_ts=ask.thread_ts,
@@ -212,8 +192,16 @@ def _queue(services: Services, gate: ChatGate, http: requests.Session, ask: Slac
         # The shortcut's acknowledgement is itself posted to the response_url.
         uses=1 if ask.private_file else 0,
     )
-    position = submit_chat_job(
-        services, source=ask.source, image=image, params={"prompt": ask.prompt}, reply=reply
+    position = queue_chat_job(
+        services,
+        gate,
+        http,
+        source=ask.source,
+        image_url=ask.image_url,
+        origin="Slack" if ask.private_file else "the image host",
+        params={"prompt": ask.prompt},
+        reply=reply,
+        headers={"Authorization": f"Bearer {bot_token}"} if ask.private_file else None,
     )
     return queued_text(position, ask.prompt, thread=ask.thread_ts is not None)
 
