@@ -138,9 +138,11 @@ def submit(stack: Stack, api: requests.Session, **form: Any) -> str:
 def test_clients_on_different_gunicorn_workers_receive_the_same_events_in_order(
     make_stack: Callable[..., Stack],
 ) -> None:
-    # Probes that land on a worker already serving one are closed: a 1 s heartbeat lets
-    # that worker notice and free the slot (gthread allows 2 streams per worker here).
-    stack = make_stack(MOTIONHOOK_STREAM_HEARTBEAT="1")
+    # One stream per worker process: a probe that lands on the worker already serving
+    # one is refused (503) and tried again, until one lands on the other worker (gevent
+    # would otherwise let one worker accept every stream). A 1 s heartbeat lets a worker
+    # notice a closed probe and free its slot.
+    stack = make_stack(MOTIONHOOK_STREAM_HEARTBEAT="1", MOTIONHOOK_STREAMS_MAX="1")
     stack.migrate()
     stack.start_simulator()
     web = stack.start_web({"WEB_CONCURRENCY": "2"})
