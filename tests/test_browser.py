@@ -8,6 +8,7 @@ Every page runs with the network limited to the stack on 127.0.0.1.
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -87,23 +88,40 @@ def sign_in(page: Page, stack: Stack) -> None:
 def test_upload_watch_the_job_complete_live_and_play_the_video(
     page: Page, stack: Stack, blocked: list[str]
 ) -> None:
-    sign_in(page, stack)
-    cookie = page.context.cookies()[0]
-    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
-    page.set_input_files("input[name=image]", str(SAMPLE_IMAGE))
-    page.fill("input[name=prompt]", "a slow zoom")
-    page.click("form[enctype] button[type=submit]")
-    page.wait_for_selector("h1 [data-status]")
-    landed = page.url
-    page.evaluate("window.__notReloaded = true")
-    page.wait_for_selector("h1 .status-completed")
-    page.wait_for_function("document.getElementById('video').readyState >= 2")
-    assert page.evaluate("window.__notReloaded") is True
-    assert page.url == landed
-    timeline = page.inner_text("#timeline")
-    assert "job.processing" in timeline and "job.completed" in timeline
-    assert stack.token not in page.url
-    assert blocked == []
+    # The receiver holds its answer until told, so the page shows the delivery pending first.
+    answer = threading.Event()
+    sink = Sink(lambda _n, _r: (200, {}, b"ok") if answer.wait(WAIT_MS / 1000) else None)
+    try:
+        body = {"kind": "webhook", "url": sink.url, "events": ["job.completed"]}
+        created = stack.api().post(f"{stack.web_url}/v1/subscriptions", json=body, timeout=10)
+        assert created.status_code == 201, created.text
+        sign_in(page, stack)
+        cookie = page.context.cookies()[0]
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        page.set_input_files("input[name=image]", str(SAMPLE_IMAGE))
+        page.fill("input[name=prompt]", "a slow zoom")
+        page.click("form[enctype] button[type=submit]")
+        page.wait_for_selector("h1 [data-status]")
+        landed = page.url
+        page.evaluate("window.__notReloaded = true")
+        page.wait_for_function("document.getElementById('input-image').naturalWidth > 0")
+        page.wait_for_selector("h1 .status-completed")
+        page.wait_for_function("document.getElementById('video').readyState >= 2")
+        # Playing: muted autoplay, the clock moves.
+        page.wait_for_function("document.getElementById('video').currentTime > 0")
+        page.wait_for_selector("#deliveries tr[data-delivery] .status-pending")
+        answer.set()
+        page.wait_for_selector("#deliveries tr[data-delivery] .status-delivered")
+        assert page.evaluate("window.__notReloaded") is True
+        assert page.url == landed
+        timeline = page.inner_text("#timeline")
+        assert "job.processing" in timeline and "job.completed" in timeline
+        assert "job.completed" in page.inner_text("#deliveries")
+        assert stack.token not in page.url
+        assert blocked == []
+    finally:
+        answer.set()
+        sink.close()
 
 
 def test_a_failed_delivery_turns_delivered_with_the_retry_button(page: Page, stack: Stack) -> None:

@@ -159,3 +159,19 @@ def test_a_delivery_shows_its_attempts_and_can_be_retried(
     polled = signed_in.get(f"/dashboard/deliveries/{delivery_id}?format=json").json
     assert polled["status"] == "pending"
     assert delivery_id in signed_in.get("/dashboard/deliveries").get_data(as_text=True)
+
+
+def test_the_deliveries_table_refreshes_alone_and_offers_retry_on_failed_ones(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    sub_id, _page = create_webhook(signed_in, services)
+    post(signed_in, f"/dashboard/subscriptions/{sub_id}/test")
+    with services.db.transaction() as session:
+        delivery = session.query(Delivery).one()
+        delivery.status = "failed"
+        delivery_id = delivery.id
+    table = signed_in.get("/dashboard/deliveries/table").get_data(as_text=True)
+    assert table.startswith("<table") and delivery_id in table
+    assert f'action="/dashboard/deliveries/{delivery_id}/retry"' in table
+    other_job = signed_in.get("/dashboard/deliveries/table?job_id=job_none").get_data(as_text=True)
+    assert delivery_id not in other_job and "No deliveries." in other_job

@@ -268,10 +268,9 @@ def job(job_id: str) -> Any:
             abort(404)
         resource = job_resource(found, svc.media_url)
         timeline = read_after(db_session, START, limit=200, job_id=job_id).events
-        deliveries, _cursor = list_deliveries(
-            db_session, project(), filters={"job_id": job_id}, limit=PAGE, cursor=None
-        )
-    return _page("dashboard/job.html", job=resource, timeline=timeline, deliveries=deliveries)
+    return _page(
+        "dashboard/job.html", job=resource, timeline=timeline, deliveries=_deliveries(job_id)
+    )
 
 
 @bp.get("/events/stream")
@@ -292,9 +291,23 @@ def job_stream(job_id: str) -> Response:
 @bp.get("/deliveries")
 @login_required
 def deliveries() -> Any:
+    return _page("dashboard/deliveries.html", deliveries=_deliveries(None))
+
+
+@bp.get("/deliveries/table")
+@login_required
+def deliveries_table() -> Any:
+    """The deliveries table alone (optionally one job's): pages refresh it while one is pending."""
+    items = _deliveries(request.args.get("job_id") or None)
+    return _page("dashboard/_deliveries.html", deliveries=items)
+
+
+def _deliveries(job_id: str | None) -> list[dict[str, Any]]:
     with services().db.transaction() as db_session:
-        items, _cursor = list_deliveries(db_session, project(), filters={}, limit=PAGE, cursor=None)
-    return _page("dashboard/deliveries.html", deliveries=items)
+        items, _cursor = list_deliveries(
+            db_session, project(), filters={"job_id": job_id}, limit=PAGE, cursor=None
+        )
+    return items
 
 
 @bp.get("/deliveries/<string:delivery_id>")
