@@ -10,11 +10,13 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 import requests
+from standardwebhooks import Webhook
 
 from service.devstack import SAMPLE_IMAGE, Stack
 from tests.conftest import eventually
@@ -146,6 +148,49 @@ def test_a_failed_delivery_turns_delivered_with_the_retry_button(page: Page, sta
         page.wait_for_selector("h1 .status-delivered")
         assert page.locator("#attempts tbody tr").count() == 2
         assert len(sink.received) == 2
+    finally:
+        sink.close()
+
+
+def test_a_subscription_is_created_pinged_rotated_toggled_and_recovered(
+    page: Page, stack: Stack
+) -> None:
+    # The first ping is refused for good (400), so "recover" has a failed delivery to replay.
+    sink = Sink(lambda n, _r: (400, {}, b"no") if n == 1 else (200, {}, b"ok"))
+    try:
+        sign_in(page, stack)
+        page.goto(f"{stack.web_url}/dashboard/subscriptions")
+        page.select_option("select[name=kind]", "webhook")
+        page.fill("input[name=url]", sink.url)
+        page.click("form.card button[type=submit]")
+        secret = page.inner_text("#secret")
+        assert secret.startswith("whsec_")
+        page.goto(f"{stack.web_url}/dashboard/subscriptions")
+        assert secret not in page.content()  # shown once
+        row = page.locator("#subscriptions tr[data-subscription]")
+        row.locator("button:text('Send test')").click()
+        assert "test.ping queued" in page.inner_text("[role=status]")
+        eventually(stack, lambda: sink.received, "the test ping")
+        ping = sink.received[0]
+        assert Webhook(secret).verify(ping.body, ping.headers)["type"] == "test.ping"
+
+        row.locator("button:text('Rotate secret')").click()
+        rotated = page.inner_text("#secret")
+        assert rotated.startswith("whsec_") and rotated != secret
+        row.locator("button:text('Disable')").click()
+        assert "disabled" in row.inner_text()
+        row.locator("button:text('Send test')").click()
+        assert "enable it first" in page.inner_text("[role=alert]")
+        row.locator("button:text('Enable')").click()
+        assert "enabled" in row.inner_text()
+
+        an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        row.locator("input[name=since]").fill(an_hour_ago.strftime("%Y-%m-%dT%H:%M"))
+        row.locator("button:text('Recover')").click()
+        assert "1 failed deliveries queued again" in page.inner_text("[role=status]")
+        eventually(stack, lambda: len(sink.received) == 2, "the recovered ping")
+        replayed = sink.received[1]
+        assert Webhook(rotated).verify(replayed.body, replayed.headers)["type"] == "test.ping"
     finally:
         sink.close()
 
