@@ -41,15 +41,38 @@ class EventListArgs(EventStreamArgs):
 
 
 class EventSchema(Schema):
-    id = fields.String(metadata={"description": "Event id, the webhook-id of its deliveries"})
-    type = fields.String(metadata={"enum": list(ALL_EVENT_TYPES)})
-    created_at = fields.String(metadata={"description": "RFC 3339"})
-    data = fields.Dict(metadata={"description": "The job resource (test.ping: a message)"})
+    id = fields.String(
+        metadata={
+            "description": "Event id, the webhook-id of its deliveries",
+            "example": "evt_kerdsrgbtlkqrxixudeusyif",
+        }
+    )
+    type = fields.String(
+        metadata={
+            "description": "What happened",
+            "enum": list(ALL_EVENT_TYPES),
+            "example": "job.completed",
+        }
+    )
+    created_at = fields.String(
+        metadata={"description": "RFC 3339", "example": "2026-01-01T12:00:14Z"}
+    )
+    data = fields.Dict(
+        metadata={
+            "description": "The job resource (test.ping: a message)",
+            "example": {"id": "job_ea2b7kxpg7m357qztnh2jhg3", "status": "completed"},
+        }
+    )
 
 
 class EventPageSchema(Schema):
-    items = fields.List(fields.Nested(EventSchema))
+    items = fields.List(
+        fields.Nested(EventSchema), metadata={"description": "Events, oldest first"}
+    )
     next_cursor = fields.String(
         allow_none=True,
-        metadata={"description": "Pass as after for the next page; null: no more right now"},
+        metadata={
+            "description": "Pass as after for the next page; null: no more right now",
+            "example": "evt_kerdsrgbtlkqrxixudeusyif",
+        },
     )

@@ -8,11 +8,18 @@ from typing import Any
 
 from flask.testing import FlaskClient
 
-from schemas.jobs import JobCreateSchema
+from schemas.jobs import SAMPLE_IMAGE_URL, JobCreateSchema
 from service.devstack import ROOT
 from service.extension import Services
 
-REQUEST_SCHEMAS = ("JobCreate", "SubscriptionCreate", "SubscriptionUpdate", "Recover")
+REQUEST_SCHEMAS = (
+    "JobCreate",
+    "SubscriptionCreate",
+    "SubscriptionUpdate",
+    "Recover",
+    "ProjectCreate",
+    "TokenCreate",
+)
 
 
 def spec(client: FlaskClient) -> dict[str, Any]:
@@ -60,6 +67,24 @@ def test_every_request_field_has_a_description_and_an_example(client: FlaskClien
         for field, prop in schemas[name]["properties"].items():
             assert prop.get("description"), f"{name}.{field} has no description"
             assert "example" in prop, f"{name}.{field} has no example"
+
+
+def test_every_response_field_is_described_with_an_example(client: FlaskClient) -> None:
+    # Nested objects and lists of them are exemplified by their own fields; a file has none.
+    for name, schema in spec(client)["components"]["schemas"].items():
+        for field, prop in schema.get("properties", {}).items():
+            where = f"{name}.{field}"
+            assert prop.get("description"), f"{where} has no description"
+            composite = {"allOf", "anyOf"} & prop.keys() or "$ref" in prop.get("items", {})
+            if not composite and prop.get("format") != "binary":
+                assert "example" in prop, f"{where} has no example"
+
+
+def test_the_error_example_is_a_real_error(client: FlaskClient, auth: dict[str, str]) -> None:
+    error = spec(client)["components"]["schemas"]["Error"]["properties"]
+    body = {"init_image": SAMPLE_IMAGE_URL, "num_frames": 99}
+    answer = client.post("/v1/jobs", json=body, headers=auth).json
+    assert answer == {name: prop["example"] for name, prop in error.items()}
 
 
 def test_query_parameters_are_described(client: FlaskClient) -> None:
