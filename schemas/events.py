@@ -7,6 +7,10 @@ from marshmallow import RAISE, Schema, fields, validate
 from schemas.jobs import EVENT_TYPES
 
 ALL_EVENT_TYPES = (*EVENT_TYPES, "test.ping")
+EVENT_ID_DOC = {
+    "description": "The event id (the webhook-id header of its deliveries)",
+    "example": "evt_kerdsrgbtlkqrxixudeusyif",
+}
 
 _type = fields.String(
     validate=validate.OneOf(ALL_EVENT_TYPES, error="must be one of: " + ", ".join(ALL_EVENT_TYPES)),
@@ -41,12 +45,7 @@ class EventListArgs(EventStreamArgs):
 
 
 class EventSchema(Schema):
-    id = fields.String(
-        metadata={
-            "description": "Event id, the webhook-id of its deliveries",
-            "example": "evt_kerdsrgbtlkqrxixudeusyif",
-        }
-    )
+    id = fields.String(metadata=EVENT_ID_DOC)
     type = fields.String(
         metadata={
             "description": "What happened",

@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from schemas.destinations import BROKER_KINDS, parse_destination
+from schemas.events import EVENT_ID_DOC
 from schemas.jobs import EVENT_TYPES
 
 HTTP_KINDS = ("slack", "discord", "webhook")
@@ -36,10 +37,6 @@ UPDATED_AT_DOC = {
     "example": "2026-01-01T12:00:05Z",
 }
 DELIVERY_ID_DOC = {"description": "The delivery id", "example": "dlv_rtlktymylqudz6rxj47a35sv"}
-EVENT_ID_DOC = {
-    "description": "The event id (the webhook-id header of its deliveries)",
-    "example": "evt_kerdsrgbtlkqrxixudeusyif",
-}
 JOB_ID_DOC = {"description": "The job id", "example": "job_ea2b7kxpg7m357qztnh2jhg3"}
 ENABLED_DOC = {
     "description": "false stops deliveries; true re-enables and clears the failure streak.",

@@ -143,15 +143,21 @@ def test_a_private_subscription_url_is_refused_with_the_reason(signed_in: FlaskC
     assert "url" in page.lower()
 
 
-def test_a_delivery_shows_its_attempts_and_can_be_retried(
-    signed_in: FlaskClient, services: Services
-) -> None:
-    sub_id, _page = create_webhook(signed_in, services)
-    post(signed_in, f"/dashboard/subscriptions/{sub_id}/test")
+def failed_delivery(client: FlaskClient, services: Services) -> str:
+    """A test ping to a new subscription, marked failed; return the delivery's id."""
+    sub_id, _page = create_webhook(client, services)
+    post(client, f"/dashboard/subscriptions/{sub_id}/test")
     with services.db.transaction() as session:
         delivery = session.query(Delivery).one()
         delivery.status = "failed"
-        delivery_id = delivery.id
+        delivery_id: str = delivery.id
+    return delivery_id
+
+
+def test_a_delivery_shows_its_attempts_and_can_be_retried(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    delivery_id = failed_delivery(signed_in, services)
     page = signed_in.get(f"/dashboard/deliveries/{delivery_id}").get_data(as_text=True)
     assert 'id="retry"' in page and 'id="attempts"' in page
     status, _page = post(signed_in, f"/dashboard/deliveries/{delivery_id}/retry")
@@ -164,12 +170,7 @@ def test_a_delivery_shows_its_attempts_and_can_be_retried(
 def test_the_deliveries_table_refreshes_alone_and_offers_retry_on_failed_ones(
     signed_in: FlaskClient, services: Services
 ) -> None:
-    sub_id, _page = create_webhook(signed_in, services)
-    post(signed_in, f"/dashboard/subscriptions/{sub_id}/test")
-    with services.db.transaction() as session:
-        delivery = session.query(Delivery).one()
-        delivery.status = "failed"
-        delivery_id = delivery.id
+    delivery_id = failed_delivery(signed_in, services)
     table = signed_in.get("/dashboard/deliveries/table").get_data(as_text=True)
     assert table.startswith("<table") and delivery_id in table
     assert f'action="/dashboard/deliveries/{delivery_id}/retry"' in table
