@@ -106,11 +106,11 @@ def test_upload_watch_the_job_complete_live_and_play_the_video(
         page.wait_for_selector("h1 [data-status]")
         landed = page.url
         page.evaluate("window.__notReloaded = true")
-        page.wait_for_function("document.getElementById('input-image').naturalWidth > 0")
+        page.wait_for_function("() => document.getElementById('input-image').naturalWidth > 0")
         page.wait_for_selector("h1 .status-completed")
-        page.wait_for_function("document.getElementById('video').readyState >= 2")
+        page.wait_for_function("() => document.getElementById('video').readyState >= 2")
         # Playing: muted autoplay, the clock moves.
-        page.wait_for_function("document.getElementById('video').currentTime > 0")
+        page.wait_for_function("() => document.getElementById('video').currentTime > 0")
         page.wait_for_selector("#deliveries tr[data-delivery] .status-pending")
         answer.set()
         page.wait_for_selector("#deliveries tr[data-delivery] .status-delivered")
@@ -203,6 +203,6 @@ def test_docs_render_every_operation_with_no_network(
         1 for item in spec["paths"].values() for method in item if method != "parameters"
     )
     page.goto(f"{stack.web_url}/docs")
-    page.wait_for_function(f"document.querySelectorAll('.opblock').length >= {operations}")
+    page.wait_for_function(f"() => document.querySelectorAll('.opblock').length >= {operations}")
     assert page.locator(".opblock").count() == operations
     assert blocked == []
