@@ -7,6 +7,7 @@ Every page runs with the network limited to the stack on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -221,4 +222,24 @@ def test_docs_render_every_operation_with_no_network(
     page.goto(f"{stack.web_url}/docs")
     page.wait_for_function(f"() => document.querySelectorAll('.opblock').length >= {operations}")
     assert page.locator(".opblock").count() == operations
+    assert blocked == []
+
+
+def test_docs_try_it_out_submits_the_example_job_with_the_token(
+    page: Page, stack: Stack, blocked: list[str]
+) -> None:
+    page.goto(f"{stack.web_url}/docs")
+    page.click(".btn.authorize")
+    page.fill(".auth-container input", stack.token)
+    page.click(".auth-btn-wrapper .modal-btn.auth")
+    page.click(".btn-done")
+    operation = page.locator(".opblock-post", has=page.locator("[data-path='/v1/jobs']")).first
+    operation.locator(".opblock-summary").click()
+    operation.locator(".execute").click()
+    status = operation.locator(".live-responses-table tr.response .response-col_status").first
+    status.wait_for()
+    assert status.inner_text().strip() == "202"
+    answer = operation.locator(".live-responses-table .microlight").first.inner_text()
+    job = stack.api().get(f"{stack.web_url}/v1/jobs/{json.loads(answer)['id']}", timeout=10)
+    assert job.json()["input"]["prompt"] == "a slow zoom over the hills"
     assert blocked == []
