@@ -208,7 +208,9 @@ class AttemptSchema(Schema):
     )
     outcome = fields.String(
         metadata={
-            "description": "delivered; retry (another attempt follows); failed (no more)",
+            "description": "delivered; retry (another attempt follows unless the schedule "
+            "is spent); failed (refused, no retry); permanent (refused, and the subscription is "
+            "disabled)",
             "example": "delivered",
         }
     )
@@ -233,7 +235,11 @@ class DeliverySchema(Schema):
     )
     job_id = fields.String(allow_none=True, metadata=JOB_ID_DOC)
     kind = fields.String(
-        metadata={"description": "The receiver's kind", "enum": list(KINDS), "example": "webhook"}
+        metadata={
+            "description": "The receiver's kind: a subscription's, or discord_reply for the "
+            "answer to a chat request",
+            "example": "webhook",
+        }
     )
     status = fields.String(
         metadata={
