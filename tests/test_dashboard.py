@@ -34,6 +34,12 @@ def post(client: FlaskClient, path: str, **form: object) -> tuple[int, str]:
     return response.status_code, response.get_data(as_text=True)
 
 
+def test_the_servers_address_opens_the_dashboard(client: FlaskClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/dashboard/"
+
+
 def test_pages_send_strangers_to_sign_in(client: FlaskClient) -> None:
     response = client.get("/dashboard/")
     assert response.status_code == 302

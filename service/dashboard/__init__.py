@@ -99,6 +99,12 @@ def init_app(app: Flask) -> None:
         WTF_CSRF_TIME_LIMIT=None,  # tied to the session instead
     )
     app.register_blueprint(bp)
+    app.add_url_rule("/", "home", home)
+
+
+def home() -> BaseResponse:
+    """``/``: whoever opens the server's address in a browser lands on the dashboard."""
+    return redirect(url_for("dashboard.jobs"))
 
 
 def principal() -> Principal | None:
