@@ -40,6 +40,13 @@ def test_the_servers_address_opens_the_dashboard(client: FlaskClient) -> None:
     assert response.headers["Location"] == "/dashboard/"
 
 
+def act(client: FlaskClient, path: str, **form: object) -> str:
+    """Press a subscription action's button; return the page it redirects to."""
+    status, _page = post(client, path, **form)
+    assert status == 303
+    return client.get("/dashboard/subscriptions").get_data(as_text=True)
+
+
 def test_pages_send_strangers_to_sign_in(client: FlaskClient) -> None:
     response = client.get("/dashboard/")
     assert response.status_code == 302
@@ -127,18 +134,27 @@ def test_subscriptions_can_be_created_tested_rotated_toggled_and_recovered(
     listing = signed_in.get("/dashboard/subscriptions").get_data(as_text=True)
     assert secret.group(1) not in listing  # shown once
     base = f"/dashboard/subscriptions/{sub_id}"
-    status, page = post(signed_in, f"{base}/test")
-    assert status == 200 and "test.ping queued" in page
+    assert "test.ping queued" in act(signed_in, f"{base}/test")
     status, page = post(signed_in, f"{base}/rotate")
     rotated = re.search(r'id="secret">(whsec_[^<]+)<', page)
     assert status == 200 and rotated and rotated.group(1) != secret.group(1)
-    status, page = post(signed_in, f"{base}/enabled", enabled="0")
-    assert status == 200 and "Subscription disabled." in page
-    status, page = post(signed_in, f"{base}/recover", since="2026-01-01T00:00")
-    assert status == 409 and "enable it first" in page
-    post(signed_in, f"{base}/enabled", enabled="1")
-    status, page = post(signed_in, f"{base}/recover", since="2026-01-01T00:00")
-    assert status == 200 and "failed deliveries queued again" in page
+    assert "Subscription disabled." in act(signed_in, f"{base}/enabled", enabled="0")
+    assert "enable it first" in act(signed_in, f"{base}/recover", since="2026-01-01T00:00")
+    act(signed_in, f"{base}/enabled", enabled="1")
+    page = act(signed_in, f"{base}/recover", since="2026-01-01T00:00")
+    assert "failed deliveries queued again" in page
+    assert "since: give a date and time" in act(signed_in, f"{base}/recover", since="soon")
+
+
+def test_an_action_redirects_so_reloading_does_not_repeat_it(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    sub_id, _page = create_webhook(signed_in, services)
+    act(signed_in, f"/dashboard/subscriptions/{sub_id}/test")
+    reloaded = signed_in.get("/dashboard/subscriptions").get_data(as_text=True)
+    assert "test.ping queued" not in reloaded  # the notice was shown once
+    with services.db.transaction() as session:
+        assert session.query(Delivery).count() == 1
 
 
 def test_a_private_subscription_url_is_refused_with_the_reason(signed_in: FlaskClient) -> None:

@@ -22,6 +22,7 @@ from flask import (
     Flask,
     Response,
     abort,
+    flash,
     g,
     redirect,
     render_template,
@@ -419,8 +420,18 @@ def _with_subscription(
         if sub is None or sub.project_id != project():
             abort(404)
         context = action(db_session, sub)
-    status = 409 if "error" in context else 200
-    return _subscriptions_page(status, **context)
+    if "secret_of" in context:
+        return _subscriptions_page(**context)  # the new secret is in this answer only
+    return _back_to_subscriptions(**context)
+
+
+def _back_to_subscriptions(*, notice: str | None = None, error: str | None = None) -> BaseResponse:
+    """Post/redirect/get: reloading the page afterwards does not repeat the action."""
+    if error is not None:
+        flash(error, "error")
+    if notice is not None:
+        flash(notice, "notice")
+    return redirect(url_for("dashboard.subscriptions"), 303)
 
 
 @bp.post("/subscriptions/<string:subscription_id>/test")
@@ -468,7 +479,7 @@ def recover(subscription_id: str) -> Any:
     try:
         since = datetime.fromisoformat(request.form.get("since", "")).replace(tzinfo=UTC)
     except ValueError:
-        return _subscriptions_page(422, error="since: give a date and time")
+        return _back_to_subscriptions(error="since: give a date and time")
 
     def replay(db_session: Session, sub: Subscription) -> dict[str, Any]:
         if not sub.enabled:
