@@ -198,3 +198,13 @@ def test_the_deliveries_table_refreshes_alone_and_offers_retry_on_failed_ones(
     assert f'action="/dashboard/deliveries/{delivery_id}/retry"' in table
     other_job = signed_in.get("/dashboard/deliveries/table?job_id=job_none").get_data(as_text=True)
     assert delivery_id not in other_job and "No deliveries." in other_job
+
+
+def test_the_live_streams_resume_after_last_event_id_and_know_only_the_projects_jobs(
+    signed_in: FlaskClient,
+) -> None:
+    # The browser's EventSource sends Last-Event-ID when it reconnects: it is honoured.
+    resumed = signed_in.get("/dashboard/events/stream", headers={"Last-Event-ID": "evt_nope"})
+    assert resumed.status_code == 422
+    assert "Last-Event-ID" in resumed.json["message"]
+    assert signed_in.get("/dashboard/jobs/job_nope/stream").status_code == 404

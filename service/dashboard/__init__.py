@@ -39,7 +39,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from schemas.jobs import EVENT_TYPES, JobCreateSchema
 from schemas.subscriptions import KINDS, SubscriptionCreateSchema
 from schemas.upstream import SUPPORTED_MODELS
-from service.api.events import open_stream
+from service.api.events import stream_events, stream_job_events
 from service.bearer import token_hash
 from service.downloads import store_upload
 from service.eventlog import START, read_after
@@ -270,26 +270,32 @@ def _message(exc: Exception) -> str:
 def job(job_id: str) -> Any:
     svc = services()
     with svc.db.transaction() as db_session:
-        found = db_session.get(Job, job_id)
-        if found is None or found.project_id != project():
-            abort(404)
-        resource = job_resource(found, svc.media_url)
+        resource = job_resource(_owned_job(db_session, job_id), svc.media_url)
         timeline = read_after(db_session, START, limit=200, job_id=job_id).events
     return _page(
         "dashboard/job.html", job=resource, timeline=timeline, deliveries=_deliveries(job_id)
     )
 
 
+def _owned_job(db_session: Session, job_id: str) -> Job:
+    found = db_session.get(Job, job_id)
+    if found is None or found.project_id != project():
+        abort(404)
+    return found
+
+
 @bp.get("/events/stream")
 @login_required
 def events_stream() -> Response:
-    return open_stream(project(), after=None, event_type=None, job_id=None, until_terminal=False)
+    return stream_events(project(), event_type=None, job_id=None)
 
 
 @bp.get("/jobs/<string:job_id>/stream")
 @login_required
 def job_stream(job_id: str) -> Response:
-    return open_stream(project(), after=START, event_type=None, job_id=job_id, until_terminal=True)
+    with services().db.transaction() as db_session:
+        _owned_job(db_session, job_id)
+    return stream_job_events(project(), job_id)
 
 
 # -- deliveries -------------------------------------------------------------
