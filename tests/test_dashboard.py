@@ -10,7 +10,8 @@ from flask.testing import FlaskClient
 
 from service.devstack import SAMPLE_IMAGE
 from service.extension import Services
-from service.models import Delivery
+from service.models import DEFAULT_PROJECT_ID, Delivery
+from service.subscriptions import create_subscription
 from tests.conftest import TOKEN
 
 
@@ -208,3 +209,34 @@ def test_the_live_streams_resume_after_last_event_id_and_know_only_the_projects_
     assert resumed.status_code == 422
     assert "Last-Event-ID" in resumed.json["message"]
     assert signed_in.get("/dashboard/jobs/job_nope/stream").status_code == 404
+
+
+def test_a_broker_subscription_is_created_with_its_secret_and_can_rotate_it(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    services.settings = replace(services.settings, allow_private_targets=True)
+    status, page = post(
+        signed_in,
+        "/dashboard/subscriptions",
+        kind="redis",
+        url="redis://127.0.0.1:6379/0?stream=motionhook",
+    )
+    assert status == 201, page
+    assert re.search(r'id="secret">whsec_', page)
+    sub_id = re.search(r'data-subscription="(sub_[a-z0-9]+)"', page)
+    assert sub_id
+    status, page = post(signed_in, f"/dashboard/subscriptions/{sub_id.group(1)}/rotate")
+    assert status == 200 and re.search(r'id="secret">whsec_', page)
+
+
+def test_a_chat_subscription_url_is_never_shown_whole(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    url = "https://hooks.slack.com/services/T0AAAAAAA/B0BBBBBBB/credentialpart123456"
+    with services.db.transaction() as session:
+        params = {"kind": "slack", "url": url, "events": ["job.completed"], "description": ""}
+        create_subscription(session, DEFAULT_PROJECT_ID, params, limit=10)
+    page = signed_in.get("/dashboard/subscriptions").get_data(as_text=True)
+    assert "hooks.slack.com" in page
+    assert "credentialpart123456" not in page
+    assert 'id="secret"' not in page

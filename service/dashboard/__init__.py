@@ -46,11 +46,13 @@ from service.eventlog import START, read_after
 from service.extension import services
 from service.jobs import create_job, job_resource, list_jobs
 from service.models import Delivery, Job, Subscription, new_id
-from service.outbound import TargetRefused, validate_target_url
+from service.outbound import TargetRefused
 from service.projects import ADMIN, READ, Principal, resolve_token, resolve_token_hash
 from service.subscriptions import (
-    WEBHOOK,
+    SIGNED_KINDS,
+    MissingExtra,
     SubscriptionLimitReached,
+    check_destination,
     create_subscription,
     get_delivery,
     list_deliveries,
@@ -380,6 +382,7 @@ def _subscriptions_page(status: int = 200, **context: Any) -> Any:
         status,
         subscriptions=items,
         kinds=KINDS,
+        signed_kinds=SIGNED_KINDS,
         event_types=EVENT_TYPES,
         **context,
     )
@@ -402,8 +405,8 @@ def create() -> Any:
     }
     try:
         params = SUBSCRIPTION_FORM.load(form)
-        validate_target_url(params["url"], allow_private=services().settings.allow_private_targets)
-    except (ValidationError, TargetRefused) as exc:
+        check_destination(params["kind"], params["url"], services().settings)
+    except (ValidationError, TargetRefused, MissingExtra) as exc:
         return _subscriptions_page(422, error=_message(exc))
     settings = services().settings
     try:
@@ -414,7 +417,10 @@ def create() -> Any:
             shown = subscription_resource(sub, secret=sub.secret)
     except SubscriptionLimitReached as exc:
         return _subscriptions_page(409, error=str(exc))
-    return _subscriptions_page(201, notice="Subscription created.", secret_of=shown)
+    # Slack and Discord subscriptions have no signing secret to show.
+    return _subscriptions_page(
+        201, notice="Subscription created.", secret_of=shown if "secret" in shown else None
+    )
 
 
 def _with_subscription(
@@ -456,7 +462,7 @@ def test(subscription_id: str) -> Any:
 @login_required
 def rotate(subscription_id: str) -> Any:
     def new_secret(_db_session: Session, sub: Subscription) -> dict[str, Any]:
-        if sub.kind != WEBHOOK:
+        if sub.kind not in SIGNED_KINDS:
             return {"error": f"{sub.kind} subscriptions have no signing secret."}
         secret = rotate_secret(sub)
         return {
