@@ -1,25 +1,30 @@
-"""Take the README's dashboard screenshots against a real local stack: ``make screenshots``.
+"""Take the README's screenshots against a real local stack: ``make screenshots``.
 
 Starts the simulator, web and worker in a temporary folder, makes a few jobs and
-deliveries (one receiver that answers 200, one that refuses), then photographs
-the dashboard in Debian's Chromium and writes the PNGs to ``docs/images``.
+deliveries (one receiver that answers 200, one that refuses), runs ``motionhook
+submit`` as a user would, then photographs the dashboard and the CLI's transcript
+in Debian's Chromium and writes the PNGs to ``docs/images``.
 """
 
 from __future__ import annotations
 
+import html
+import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from service.devstack import ROOT, Stack, wait_until
+from service.devstack import ROOT, SAMPLE_IMAGE, Stack, wait_until
 from tests.sinks import Sink
 
 CHROMIUM = "/usr/bin/chromium"
 IMAGES = ROOT / "docs" / "images"
 PROMPTS = ("a slow zoom over the hills", "the clouds drift")
 WAIT_S = 60
+TERMINAL_COLUMNS = 100
 
 
 def make_history(stack: Stack, receiver: Sink, refuser: Sink) -> tuple[str, str]:
@@ -50,6 +55,35 @@ def make_history(stack: Stack, receiver: Sink, refuser: Sink) -> tuple[str, str]
     return job_ids[-1], sent["delivery_id"]
 
 
+def cli_transcript(stack: Stack, folder: Path) -> str:
+    """Run ``motionhook submit --output`` against the stack; return what the terminal shows."""
+    argv = ["submit", "sample.png", "--prompt", "a slow zoom", "--output", "zoom.mp4"]
+    (folder / "sample.png").write_bytes(SAMPLE_IMAGE.read_bytes())
+    env = {**stack.env, "MOTIONHOOK_URL": stack.web_url, "MOTIONHOOK_TOKEN": stack.token}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *argv],
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=True,
+    )
+    job = done.stdout.strip()
+    shown = job if len(job) <= 2 * TERMINAL_COLUMNS else job[: 2 * TERMINAL_COLUMNS - 3] + "..."
+    return f"$ motionhook {' '.join(argv)}\n{done.stderr}{shown}"
+
+
+def photograph_terminal(page: Page, transcript: str) -> None:
+    lines = [textwrap.fill(line, TERMINAL_COLUMNS) or " " for line in transcript.splitlines()]
+    page.goto("about:blank")  # away from the dashboard's CSP, which refuses inline styles
+    page.set_content(
+        '<pre style="display:inline-block;margin:0;padding:16px 20px;font-size:15px;'
+        'background:#1d2330;color:#e4e7ec">' + html.escape("\n".join(lines)) + "</pre>"
+    )
+    page.locator("pre").screenshot(path=IMAGES / "cli-submit.png")
+
+
 def photograph(page: Page, stack: Stack, job_id: str, delivery_id: str) -> None:
     dashboard = f"{stack.web_url}/dashboard"
     page.goto(f"{dashboard}/")
@@ -75,12 +109,14 @@ def main() -> int:
         stack = Stack(Path(folder), env={"MOTIONHOOK_DATABASE_URL": f"sqlite:///{folder}/db"})
         try:
             stack.start_all()
+            transcript = cli_transcript(stack, Path(folder))
             job_id, delivery_id = make_history(stack, receiver, refuser)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=CHROMIUM)
                 page = browser.new_page(viewport={"width": 1200, "height": 760})
                 page.set_default_timeout(WAIT_S * 1000)
                 photograph(page, stack, job_id, delivery_id)
+                photograph_terminal(page, transcript)
                 browser.close()
         finally:
             stack.stop()
