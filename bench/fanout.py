@@ -213,6 +213,9 @@ def run(scale: Scale) -> dict[str, Any]:
                 # Written after each kind, so an interrupted run keeps what it measured.
                 _with_brokers(data, rows)
                 write_result(NAME, data)
+    if "webhook" in wanted:
+        _with_brokers(data, rows)
+        write_result(NAME, data)
     chart(data)
     return data
 

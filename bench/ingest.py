@@ -169,7 +169,7 @@ def start_ceiling(running: Stack, factory: str = "create_app") -> tuple[Process,
     ]
     process = running.spawn("ceiling", argv)
     url = f"http://127.0.0.1:{port}"
-    running._wait_ready(process, f"{url}/readyz")
+    running._wait_ready(process, f"{url}/readyz", port)
     return process, url
 
 

@@ -77,6 +77,9 @@ DEFAULTS: dict[str, Any] = {
     "DISCORD_PUBLIC_KEY": None,
     "DISCORD_BOT_TOKEN": None,
     "DISCORD_API_URL": "https://discord.com/api/v10",
+    "SLACK_SIGNING_SECRET": None,
+    "SLACK_BOT_TOKEN": None,
+    "SLACK_API_URL": "https://slack.com/api",
     "CHAT_PROJECT": "default",
     "CHAT_RATE_LIMIT": "10/hour",
     "CHAT_ALLOWED": None,
@@ -281,6 +284,9 @@ class Settings:
     discord_public_key: str | None = None
     discord_bot_token: str | None = field(default=None, repr=False)
     discord_api_url: str = "https://discord.com/api/v10"
+    slack_signing_secret: str | None = field(default=None, repr=False)
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_api_url: str = "https://slack.com/api"
     chat_project: str = "default"
     chat_rate_limit: str = "10/hour"
     # Workspace and guild ids allowed to use the chat apps; empty: all.
@@ -404,6 +410,9 @@ class Settings:
             discord_public_key=config.get("DISCORD_PUBLIC_KEY") or None,
             discord_bot_token=config.get("DISCORD_BOT_TOKEN") or None,
             discord_api_url=str(config["DISCORD_API_URL"]).rstrip("/"),
+            slack_signing_secret=config.get("SLACK_SIGNING_SECRET") or None,
+            slack_bot_token=config.get("SLACK_BOT_TOKEN") or None,
+            slack_api_url=str(config["SLACK_API_URL"]).rstrip("/"),
             chat_project=str(config.get("CHAT_PROJECT") or "default"),
             chat_rate_limit=str(config.get("CHAT_RATE_LIMIT") or "10/hour"),
             chat_allowed=_as_list(config.get("CHAT_ALLOWED")),

@@ -298,9 +298,7 @@ class Deliverer:
     def deliver(self, prepared: Prepared) -> None:
         """Make one attempt at a claimed delivery and settle it."""
         if prepared.kind in CHAT_REPLY_KINDS:
-            result = send_reply(
-                self.db, self.settings, self.http, prepared.envelope, now=datetime.now(UTC)
-            )
+            result = send_reply(self.services, self.http, prepared.envelope, now=datetime.now(UTC))
         elif prepared.kind in BROKER_KINDS:
             result = self.brokers.send(
                 prepared.kind,

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import requests
-from flask import current_app, request
+from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
 from service.api.errors import abort
-from service.chat import discord
-from service.chat.common import ChatGate
+from service.chat import discord, slack
+from service.chat.common import BadSignature, ChatGate
 from service.extension import services
 from service.outbound import make_session
 
@@ -30,25 +31,58 @@ def _chat_tools() -> tuple[ChatGate, requests.Session]:
     return tools
 
 
+def _signed_body(
+    key: str | None, app: str, setting: str, verify: Callable[[str, Mapping[str, str], bytes], None]
+) -> bytes:
+    """The raw body, checked with ``verify`` before anything reads it.
+
+    404 naming ``setting`` when the app is not configured, 401 when badly signed.
+    """
+    if not key:
+        abort(404, message=f"the {app} app is not configured: set {setting}")
+    body = request.get_data(cache=False)
+    try:
+        verify(key, {name.lower(): value for name, value in request.headers.items()}, body)
+    except BadSignature as exc:
+        abort(401, message=str(exc))
+    return body
+
+
 @blp.post("/discord/interactions")
 @blp.doc(security=[])
 @blp.alt_response(401, description="Not signed with MOTIONHOOK_DISCORD_PUBLIC_KEY")
 @blp.alt_response(404, description="The Discord app is not configured")
 def discord_interactions() -> dict[str, Any]:
     """Answer a Discord interaction (PING, or the ``/animate`` command)."""
-    svc = services()
-    public_key = svc.settings.discord_public_key
-    if not public_key:
-        abort(404, message="the Discord app is not configured: set MOTIONHOOK_DISCORD_PUBLIC_KEY")
-    body = request.get_data(cache=False)
-    try:
-        discord.verify(
-            public_key,
-            signature=request.headers.get("X-Signature-Ed25519", ""),
-            timestamp=request.headers.get("X-Signature-Timestamp", ""),
-            body=body,
-        )
-    except discord.BadSignature as exc:
-        abort(401, message=str(exc))
+    key = services().settings.discord_public_key
+    body = _signed_body(key, "Discord", "MOTIONHOOK_DISCORD_PUBLIC_KEY", discord.verify)
     gate, http = _chat_tools()
-    return discord.answer_interaction(svc, gate, http, body)
+    return discord.answer_interaction(services(), gate, http, body)
+
+
+def _slack_body() -> bytes:
+    key = services().settings.slack_signing_secret
+    return _signed_body(key, "Slack", "MOTIONHOOK_SLACK_SIGNING_SECRET", slack.verify)
+
+
+@blp.post("/slack/commands")
+@blp.doc(security=[])
+@blp.alt_response(401, description="Not signed with MOTIONHOOK_SLACK_SIGNING_SECRET")
+@blp.alt_response(404, description="The Slack app is not configured")
+def slack_commands() -> dict[str, Any]:
+    """Answer the ``/animate <image URL> <prompt>`` slash command (an ephemeral message)."""
+    body = _slack_body()
+    gate, http = _chat_tools()
+    return slack.answer_command(services(), gate, http, body)
+
+
+@blp.post("/slack/interactions")
+@blp.doc(security=[])
+@blp.alt_response(401, description="Not signed with MOTIONHOOK_SLACK_SIGNING_SECRET")
+@blp.alt_response(404, description="The Slack app is not configured")
+def slack_interactions() -> Response:
+    """Handle the "Animate this image" message shortcut (callback id ``animate_image``)."""
+    body = _slack_body()
+    gate, http = _chat_tools()
+    slack.answer_interaction(services(), gate, http, body)
+    return Response(status=200)

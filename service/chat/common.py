@@ -5,16 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
 from limits import RateLimitItem, parse
 from limits.storage import Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from service.capacity import queue_position
 from service.config import ConfigError, Settings
 from service.downloads import store_upload
 from service.extension import Services
 from service.jobs import create_job
 from service.models import new_id
 from service.projects import find_project
+
+MAX_PROMPT = 1000
+# Seconds for downloading the image: the chat wants its answer within 3 s.
+DOWNLOAD_TIMEOUT = 2.0
+
+
+class BadSignature(Exception):
+    """The request is not signed by the chat platform with the configured key or secret."""
 
 
 class ChatRefusal(Exception):
@@ -57,6 +67,57 @@ class ChatGate:
             )
 
 
+def fetch_image(
+    session: requests.Session,
+    url: str,
+    *,
+    origin: str,
+    max_bytes: int,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """Download the image a chat user pointed at (``origin`` names its host in refusals)."""
+    try:
+        with session.get(url, timeout=timeout, stream=True, headers=headers) as response:
+            if response.status_code != 200:
+                raise ChatRefusal(f"image: {origin} answered {response.status_code} for it")
+            body = response.raw.read(max_bytes + 1, decode_content=True)
+    except requests.RequestException:
+        raise ChatRefusal(f"image: could not be downloaded from {origin}") from None
+    if len(body) > max_bytes:
+        raise ChatRefusal(f"image: larger than {max_bytes} bytes")
+    return bytes(body)
+
+
+def queue_chat_job(
+    services: Services,
+    gate: ChatGate,
+    http: requests.Session,
+    *,
+    source: dict[str, Any],
+    image_url: str,
+    origin: str,
+    params: dict[str, Any],
+    reply: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> int | None:
+    """Admit the chat user, download and store the image, queue the job; its queue position.
+
+    Chat links to images expire (Discord's CDN) or need a token (Slack's files), so
+    the image is stored like an upload rather than passed on by URL.
+    """
+    gate.admit(source["kind"], source["workspace"], source["user"])
+    image = fetch_image(
+        http,
+        image_url,
+        origin=origin,
+        max_bytes=services.settings.max_upload_bytes,
+        timeout=DOWNLOAD_TIMEOUT,
+        headers=headers,
+    )
+    return submit_chat_job(services, source=source, image=image, params=params, reply=reply)
+
+
 def submit_chat_job(
     services: Services,
     *,
@@ -64,8 +125,8 @@ def submit_chat_job(
     image: bytes,
     params: dict[str, Any],
     reply: dict[str, Any],
-) -> str:
-    """Store the image like an upload and queue an ordinary job; return its id."""
+) -> int | None:
+    """Store the image like an upload and queue an ordinary job; return its queue position."""
     settings = services.settings
     job_id = new_id("job")
     with services.db.transaction() as session:
@@ -85,4 +146,4 @@ def submit_chat_job(
             source=source,
         )
         job.chat_reply = reply
-        return job.id
+        return queue_position(session, job)

@@ -8,6 +8,7 @@ these functions return.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import requests
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from service.chat.common import ChatGate, ChatRefusal, submit_chat_job
+from service.chat.common import MAX_PROMPT, BadSignature, ChatGate, ChatRefusal, queue_chat_job
 from service.chat.replies import discord_reply_target
 from service.extension import Services
 
@@ -28,9 +29,6 @@ EPHEMERAL = 1 << 6
 # Nothing a user typed may ping anyone.
 NO_MENTIONS: dict[str, list[str]] = {"parse": []}
 MODELS = ("wan2.2", "ltx-2.3")
-MAX_PROMPT = 1000
-# Seconds for the attachment download: the answer is due within 3 s.
-ATTACHMENT_TIMEOUT = 2.0
 ANIMATE_COMMAND: dict[str, Any] = {
     "name": "animate",
     "type": 1,
@@ -55,12 +53,13 @@ ANIMATE_COMMAND: dict[str, Any] = {
 }
 
 
-class BadSignature(Exception):
-    """The request is not signed by Discord with the configured public key."""
+def verify(public_key: str, headers: Mapping[str, str], body: bytes) -> None:
+    """Check ``X-Signature-Ed25519`` over ``X-Signature-Timestamp`` + the raw body.
 
-
-def verify(public_key: str, *, signature: str, timestamp: str, body: bytes) -> None:
-    """Check ``X-Signature-Ed25519`` (``signature``) over the timestamp + the raw body."""
+    ``headers``: the request's headers, with lower-case names.
+    """
+    signature = headers.get("x-signature-ed25519", "")
+    timestamp = headers.get("x-signature-timestamp", "")
     try:
         VerifyKey(bytes.fromhex(public_key)).verify(
             timestamp.encode() + body, bytes.fromhex(signature)
@@ -149,22 +148,6 @@ def read_animate(interaction: dict[str, Any], *, max_bytes: int) -> AnimateReque
     )
 
 
-def fetch_attachment(
-    session: requests.Session, url: str, *, max_bytes: int, timeout: float
-) -> bytes:
-    """Download an attachment from Discord's CDN (its links expire, so it is stored)."""
-    try:
-        with session.get(url, timeout=timeout, stream=True) as response:
-            if response.status_code != 200:
-                raise ChatRefusal(f"image: Discord answered {response.status_code} for it")
-            body = response.raw.read(max_bytes + 1, decode_content=True)
-    except requests.RequestException:
-        raise ChatRefusal("image: could not be downloaded from Discord") from None
-    if len(body) > max_bytes:
-        raise ChatRefusal(f"image: larger than {max_bytes} bytes")
-    return bytes(body)
-
-
 def ephemeral(content: str) -> dict[str, Any]:
     """An answer only the user who asked sees."""
     return {
@@ -190,20 +173,21 @@ def answer_interaction(
         if interaction.get("type") != APPLICATION_COMMAND:
             raise ChatRefusal("this interaction is not supported; try /animate")
         command = read_animate(interaction, max_bytes=settings.max_upload_bytes)
-        gate.admit("discord", command.guild, command.user)
-        image = fetch_attachment(
-            http,
-            command.attachment_url,
-            max_bytes=settings.max_upload_bytes,
-            timeout=ATTACHMENT_TIMEOUT,
-        )
         params: dict[str, Any] = {"prompt": command.prompt}
         if command.model:
             params["model_id"] = command.model
         if command.frames:
             params["num_frames"] = command.frames
-        reply = discord_reply_target(command.application_id, command.token, command.channel)
-        submit_chat_job(services, source=command.source, image=image, params=params, reply=reply)
+        queue_chat_job(
+            services,
+            gate,
+            http,
+            source=command.source,
+            image_url=command.attachment_url,
+            origin="Discord",
+            params=params,
+            reply=discord_reply_target(command.application_id, command.token, command.channel),
+        )
     except ChatRefusal as refusal:
         return ephemeral(f"Sorry, I cannot animate that: {refusal}")
     return deferred()
