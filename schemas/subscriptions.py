@@ -236,8 +236,8 @@ class DeliverySchema(Schema):
     job_id = fields.String(allow_none=True, metadata=JOB_ID_DOC)
     kind = fields.String(
         metadata={
-            "description": "The receiver's kind: a subscription's, or discord_reply for the "
-            "answer to a chat request",
+            "description": "The receiver's kind: a subscription's, or slack_reply or "
+            "discord_reply for the answer to a chat request",
             "example": "webhook",
         }
     )
