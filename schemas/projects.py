@@ -22,6 +22,8 @@ class ProjectCreateSchema(Schema):
         metadata={
             "description": "1 to 64 lower-case letters, digits, '-' or '_'; unique",
             "example": "acme",
+            # The same rule for the docs' (JavaScript) regex engine, which has no \Z.
+            "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$",
         },
     )
 

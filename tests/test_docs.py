@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from flask.testing import FlaskClient
+from openapi_spec_validator import validate
 
 from schemas.jobs import SAMPLE_IMAGE_URL, JobCreateSchema
 from service.devstack import ROOT
@@ -25,6 +26,10 @@ REQUEST_SCHEMAS = (
 def spec(client: FlaskClient) -> dict[str, Any]:
     document: dict[str, Any] = client.get("/openapi.json").json
     return document
+
+
+def test_the_document_is_valid_openapi(client: FlaskClient) -> None:
+    validate(spec(client))  # raises, naming the part that is not
 
 
 def test_docs_page_loads_nothing_from_another_origin(client: FlaskClient) -> None:
