@@ -92,12 +92,12 @@ def test_the_error_example_is_a_real_error(client: FlaskClient, auth: dict[str, 
     assert answer == {name: prop["example"] for name, prop in error.items()}
 
 
-def test_query_parameters_are_described(client: FlaskClient) -> None:
+def test_every_parameter_is_described(client: FlaskClient) -> None:
     for path, operations in spec(client)["paths"].items():
         for method, operation in operations.items():
-            if method == "parameters":
-                continue  # path parameters (ids), shared by the path's operations
-            for parameter in operation.get("parameters", []):
+            # "parameters" itself: the path's ids, shared by its operations.
+            parameters = operation if method == "parameters" else operation.get("parameters", [])
+            for parameter in parameters:
                 where = f"{method.upper()} {path} {parameter['name']}"
                 assert parameter.get("description"), f"{where} has no description"
 

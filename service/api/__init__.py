@@ -113,7 +113,7 @@ def register_api(app: Flask) -> Api:
 
     for key, value in API_SETTINGS.items():
         app.config.setdefault(key, value)
-    api = Api(app)
+    api = Api(app, spec_kwargs={"extra_plugins": [docs.PathParameterDocs()]})
     api.spec.components.schema("JobCreate", schema=JobCreateSchema)
     api.spec.components.schema("JobCreateForm", docs.job_form_schema(api.ma_plugin.converter))
     api.register_blueprint(jobs.blp)
