@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 
 from service.devstack import SAMPLE_IMAGE
 from service.extension import Services
-from service.models import DEFAULT_PROJECT_ID, Delivery
+from service.models import DEFAULT_PROJECT_ID, Delivery, Subscription
 from service.subscriptions import create_subscription
 from tests.conftest import TOKEN
 
@@ -240,3 +240,26 @@ def test_a_chat_subscription_url_is_never_shown_whole(
     assert "hooks.slack.com" in page
     assert "credentialpart123456" not in page
     assert 'id="secret"' not in page
+
+
+def test_a_form_posted_again_by_a_reload_creates_or_rotates_nothing_more(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    services.settings = replace(services.settings, allow_private_targets=True)
+    form = {"kind": "webhook", "url": "http://127.0.0.1:9/h", "form_id": "form-1"}
+    status, page = post(signed_in, "/dashboard/subscriptions", **form)
+    assert status == 201
+    sub_id = re.search(r'data-subscription="(sub_[a-z0-9]+)"', page)
+    assert sub_id
+    status, _page = post(signed_in, "/dashboard/subscriptions", **form)
+    assert status == 303
+    assert "sent already" in signed_in.get("/dashboard/subscriptions").get_data(as_text=True)
+    rotate = f"/dashboard/subscriptions/{sub_id.group(1)}/rotate"
+    status, page = post(signed_in, rotate, form_id="form-2")
+    assert status == 200
+    with services.db.transaction() as session:
+        assert session.query(Subscription).count() == 1
+        secret = session.query(Subscription).one().secret
+    assert post(signed_in, rotate, form_id="form-2")[0] == 303
+    with services.db.transaction() as session:
+        assert session.query(Subscription).one().secret == secret

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import wraps
@@ -65,6 +66,8 @@ from service.subscriptions import (
 )
 
 SESSION_KEY = "token_sha256"
+SENT_FORMS_KEY = "sent_forms"
+SENT_FORMS_KEPT = 50
 PAGE = 50
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' http: https: "
@@ -173,7 +176,29 @@ def security_headers(response: Response) -> Response:
 
 @bp.app_context_processor
 def template_globals() -> dict[str, Any]:
-    return {"csrf_token": generate_csrf, "signed_in": signed_in}
+    return {"csrf_token": generate_csrf, "signed_in": signed_in, "form_id": new_form_id}
+
+
+def new_form_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def once_per_form(view: View) -> View:
+    """Run a POST view once per rendered form: a reload that posts the form again (its answer
+    shows a new secret, so it cannot redirect) changes nothing a second time."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        form_id = request.form.get("form_id", "")
+        sent: list[str] = session.get(SENT_FORMS_KEY, [])
+        if form_id in sent:
+            flash("That form was sent already; nothing was done again.", "notice")
+            return redirect(url_for("dashboard.subscriptions"), 303)
+        if form_id:
+            session[SENT_FORMS_KEY] = [*sent, form_id][-SENT_FORMS_KEPT:]
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
@@ -396,6 +421,7 @@ def subscriptions() -> Any:
 
 @bp.post("/subscriptions")
 @login_required
+@once_per_form
 def create() -> Any:
     form = {
         "kind": request.form.get("kind", ""),
@@ -460,6 +486,7 @@ def test(subscription_id: str) -> Any:
 
 @bp.post("/subscriptions/<string:subscription_id>/rotate")
 @login_required
+@once_per_form
 def rotate(subscription_id: str) -> Any:
     def new_secret(_db_session: Session, sub: Subscription) -> dict[str, Any]:
         if sub.kind not in SIGNED_KINDS:
