@@ -9,7 +9,7 @@ RUN_STAMP := $(VENV)/.installed-run
 PORT ?= 8000
 SIMULATOR_PORT ?= 8010
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The README's dashboard screenshots, from a real local stack (needs /usr/bin/chromium).
+screenshots: $(STAMP)
+	$(BIN)/python -m docs.screenshots
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache .mypy_cache .ruff_cache

@@ -28,10 +28,18 @@ class DrainReportSchema(Schema):
     ran = fields.Dict(
         keys=fields.String(),
         values=fields.Integer(),
-        metadata={"description": "Items run to the end, per kind of work (submit, task, delivery)"},
+        metadata={
+            "description": "Items run to the end, per kind of work (submit, task, delivery)",
+            "example": {"submit": 2, "task": 1, "delivery": 5},
+        },
     )
-    released = fields.Integer(metadata={"description": "Leases handed back unfinished"})
+    released = fields.Integer(
+        metadata={"description": "Leases handed back unfinished", "example": 0}
+    )
     budget_exhausted = fields.Boolean(
-        metadata={"description": "True: time ran out while work was due; call again"}
+        metadata={
+            "description": "True: time ran out while work was due; call again",
+            "example": False,
+        }
     )
-    seconds = fields.Float()
+    seconds = fields.Float(metadata={"description": "How long the drain ran", "example": 3.2})

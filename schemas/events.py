@@ -7,6 +7,10 @@ from marshmallow import RAISE, Schema, fields, validate
 from schemas.jobs import EVENT_TYPES
 
 ALL_EVENT_TYPES = (*EVENT_TYPES, "test.ping")
+EVENT_ID_DOC = {
+    "description": "The event id (the webhook-id header of its deliveries)",
+    "example": "evt_kerdsrgbtlkqrxixudeusyif",
+}
 
 _type = fields.String(
     validate=validate.OneOf(ALL_EVENT_TYPES, error="must be one of: " + ", ".join(ALL_EVENT_TYPES)),
@@ -41,15 +45,33 @@ class EventListArgs(EventStreamArgs):
 
 
 class EventSchema(Schema):
-    id = fields.String(metadata={"description": "Event id, the webhook-id of its deliveries"})
-    type = fields.String(metadata={"enum": list(ALL_EVENT_TYPES)})
-    created_at = fields.String(metadata={"description": "RFC 3339"})
-    data = fields.Dict(metadata={"description": "The job resource (test.ping: a message)"})
+    id = fields.String(metadata=EVENT_ID_DOC)
+    type = fields.String(
+        metadata={
+            "description": "What happened",
+            "enum": list(ALL_EVENT_TYPES),
+            "example": "job.completed",
+        }
+    )
+    created_at = fields.String(
+        metadata={"description": "RFC 3339", "example": "2026-01-01T12:00:14Z"}
+    )
+    data = fields.Dict(
+        metadata={
+            "description": "The job resource (test.ping: a message)",
+            "example": {"id": "job_ea2b7kxpg7m357qztnh2jhg3", "status": "completed"},
+        }
+    )
 
 
 class EventPageSchema(Schema):
-    items = fields.List(fields.Nested(EventSchema))
+    items = fields.List(
+        fields.Nested(EventSchema), metadata={"description": "Events, oldest first"}
+    )
     next_cursor = fields.String(
         allow_none=True,
-        metadata={"description": "Pass as after for the next page; null: no more right now"},
+        metadata={
+            "description": "Pass as after for the next page; null: no more right now",
+            "example": "evt_kerdsrgbtlkqrxixudeusyif",
+        },
     )

@@ -118,68 +118,159 @@ class JobCreateSchema(Img2VideoParams):
 
 
 class UpstreamStateSchema(Schema):
-    id = fields.String(allow_none=True, metadata={"description": "ModelsLab's id of the job"})
-    status = fields.String(allow_none=True, metadata={"description": "ModelsLab's last status"})
-    eta = fields.Float(allow_none=True, metadata={"description": "ModelsLab's estimate, seconds"})
+    id = fields.String(
+        allow_none=True,
+        metadata={"description": "ModelsLab's id of the job", "example": "91827364"},
+    )
+    status = fields.String(
+        allow_none=True, metadata={"description": "ModelsLab's last status", "example": "success"}
+    )
+    eta = fields.Float(
+        allow_none=True, metadata={"description": "ModelsLab's estimate, seconds", "example": 12.0}
+    )
 
 
 class OutputSchema(Schema):
     url = fields.String(
-        allow_none=True, metadata={"description": "Durable, signed URL of motionhook's copy"}
+        allow_none=True,
+        metadata={
+            "description": "Durable, signed URL of motionhook's copy",
+            "example": "http://127.0.0.1:8000/media/outputs/job_ea2b7kxpg7m357qztnh2jhg3/0.mp4"
+            "?exp=1767268800&sig=Vb3kq9Xz",
+        },
     )
-    source_url = fields.String(metadata={"description": "ModelsLab's (short-lived) URL"})
-    content_type = fields.String(allow_none=True, metadata={"example": "video/mp4"})
-    bytes = fields.Integer(allow_none=True, metadata={"description": "Size of the stored copy"})
-    sha256 = fields.String(allow_none=True, metadata={"description": "Hex SHA-256 of the copy"})
-    stored = fields.Boolean(metadata={"description": "Whether motionhook holds a copy"})
+    source_url = fields.String(
+        metadata={
+            "description": "ModelsLab's (short-lived) URL",
+            "example": "https://pub-example.r2.dev/generations/91827364.mp4",
+        }
+    )
+    content_type = fields.String(
+        allow_none=True,
+        metadata={"description": "Media type of the stored copy", "example": "video/mp4"},
+    )
+    bytes = fields.Integer(
+        allow_none=True, metadata={"description": "Size of the stored copy", "example": 46906}
+    )
+    sha256 = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "Hex SHA-256 of the copy",
+            "example": "7c176697bfd1e8a4c2b9f0d3e5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4",
+        },
+    )
+    stored = fields.Boolean(
+        metadata={"description": "Whether motionhook holds a copy", "example": True}
+    )
     error = fields.String(
-        allow_none=True, metadata={"description": "Why the output is not stored (if it is not)"}
+        allow_none=True,
+        metadata={"description": "Why the output is not stored (if it is not)", "example": None},
     )
 
 
 class JobErrorSchema(Schema):
-    code = fields.String(metadata={"description": "upstream_error, upstream_rejected, timeout, …"})
-    message = fields.String(metadata={"description": "What went wrong, for people"})
+    code = fields.String(
+        metadata={
+            "description": "upstream_error, upstream_rejected, timeout, …",
+            "example": "upstream_error",
+        }
+    )
+    message = fields.String(
+        metadata={
+            "description": "What went wrong, for people",
+            "example": "ModelsLab reported the generation failed",
+        }
+    )
 
 
 class JobSourceSchema(Schema):
     """Where a chat job was asked for; null for jobs made over the API."""
 
-    kind = fields.String(metadata={"enum": ["discord", "slack"]})
-    workspace = fields.String(allow_none=True)
-    channel = fields.String(allow_none=True)
-    user = fields.String()
+    kind = fields.String(
+        metadata={"description": "The chat app", "enum": ["discord", "slack"], "example": "slack"}
+    )
+    workspace = fields.String(
+        allow_none=True,
+        metadata={"description": "Slack team or Discord guild id", "example": "T024BE7LD"},
+    )
+    channel = fields.String(
+        allow_none=True, metadata={"description": "Channel id", "example": "C024BE91L"}
+    )
+    user = fields.String(
+        metadata={"description": "Id of the user who asked", "example": "U024BE7LH"}
+    )
 
 
 class JobSchema(Schema):
-    id = fields.String(metadata={"description": "The job id (also the track_id sent to ModelsLab)"})
-    status = fields.String(
-        metadata={"enum": list(JOB_STATUSES), "description": "Only ever moves forward"}
+    id = fields.String(
+        metadata={
+            "description": "The job id (also the track_id sent to ModelsLab)",
+            "example": "job_ea2b7kxpg7m357qztnh2jhg3",
+        }
     )
-    model_id = fields.String(metadata={"example": "wan2.2"})
-    input = fields.Dict(metadata={"description": "The generation parameters sent upstream"})
-    metadata = fields.Dict(metadata={"description": "Your metadata, as sent"})
-    webhook_url = fields.String(allow_none=True, metadata={"description": "Per-job webhook"})
+    status = fields.String(
+        metadata={
+            "enum": list(JOB_STATUSES),
+            "description": "Only ever moves forward",
+            "example": "completed",
+        }
+    )
+    model_id = fields.String(metadata={"description": "The ModelsLab model", "example": "wan2.2"})
+    input = fields.Dict(
+        metadata={
+            "description": "The generation parameters sent upstream",
+            "example": {
+                "init_image": SAMPLE_IMAGE_URL,
+                "prompt": "a slow zoom over the hills",
+                "num_frames": 16,
+            },
+        }
+    )
+    metadata = fields.Dict(
+        metadata={"description": "Your metadata, as sent", "example": {"order": "1234"}}
+    )
+    webhook_url = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "Per-job webhook",
+            "example": "https://example.com/hooks/motionhook",
+        },
+    )
     webhook_events = fields.List(
-        fields.String(), allow_none=True, metadata={"description": "Its event filter"}
+        fields.String(),
+        allow_none=True,
+        metadata={"description": "Its event filter", "example": ["job.completed", "job.failed"]},
     )
     source = fields.Nested(
         JobSourceSchema,
         allow_none=True,
         metadata={"description": "Where a chat job came from (Slack, Discord); null otherwise"},
     )
-    created_at = fields.String(metadata={"description": "RFC 3339"})
-    updated_at = fields.String(metadata={"description": "RFC 3339"})
-    completed_at = fields.String(allow_none=True, metadata={"description": "RFC 3339, once done"})
+    created_at = fields.String(
+        metadata={"description": "RFC 3339", "example": "2026-01-01T12:00:00Z"}
+    )
+    updated_at = fields.String(
+        metadata={"description": "RFC 3339", "example": "2026-01-01T12:00:14Z"}
+    )
+    completed_at = fields.String(
+        allow_none=True,
+        metadata={"description": "RFC 3339, once done", "example": "2026-01-01T12:00:14Z"},
+    )
     queue_position = fields.Integer(
         allow_none=True,
         metadata={
             "description": "1-based place among jobs waiting for a free ModelsLab slot; "
-            "null once submitted (or finished)"
+            "null once submitted (or finished)",
+            "example": None,
         },
     )
-    upstream = fields.Nested(UpstreamStateSchema)
-    outputs = fields.List(fields.Nested(OutputSchema))
+    upstream = fields.Nested(
+        UpstreamStateSchema, metadata={"description": "What ModelsLab last said about the job"}
+    )
+    outputs = fields.List(
+        fields.Nested(OutputSchema),
+        metadata={"description": "The generated videos (one), once completed"},
+    )
     error = fields.Nested(
         JobErrorSchema, allow_none=True, metadata={"description": "Set when status is failed"}
     )
@@ -205,7 +296,8 @@ class JobListArgs(Schema):
 
 
 class JobPageSchema(Schema):
-    items = fields.List(fields.Nested(JobSchema))
+    items = fields.List(fields.Nested(JobSchema), metadata={"description": "Jobs, newest first"})
     next_cursor = fields.String(
-        allow_none=True, metadata={"description": "Pass as cursor for the next page; null: last"}
+        allow_none=True,
+        metadata={"description": "Pass as cursor for the next page; null: last", "example": None},
     )

@@ -8,6 +8,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from schemas.destinations import BROKER_KINDS, parse_destination
+from schemas.events import EVENT_ID_DOC
 from schemas.jobs import EVENT_TYPES
 
 HTTP_KINDS = ("slack", "discord", "webhook")
@@ -27,6 +28,16 @@ EVENTS_DOC = {
     "example": ["job.completed", "job.failed"],
 }
 DESCRIPTION_DOC = {"description": "Your note about this target.", "example": "staging receiver"}
+CREATED_AT_DOC = {
+    "description": "When it was created (RFC 3339)",
+    "example": "2026-01-01T12:00:00Z",
+}
+UPDATED_AT_DOC = {
+    "description": "When it last changed (RFC 3339)",
+    "example": "2026-01-01T12:00:05Z",
+}
+DELIVERY_ID_DOC = {"description": "The delivery id", "example": "dlv_rtlktymylqudz6rxj47a35sv"}
+JOB_ID_DOC = {"description": "The job id", "example": "job_ea2b7kxpg7m357qztnh2jhg3"}
 ENABLED_DOC = {
     "description": "false stops deliveries; true re-enables and clears the failure streak.",
     "example": True,
@@ -96,20 +107,48 @@ class SubscriptionUpdateSchema(Schema):
 
 
 class SubscriptionSchema(Schema):
-    id = fields.String()
-    kind = fields.String()
-    url = fields.String()
-    events = fields.List(fields.String())
-    description = fields.String()
-    enabled = fields.Boolean()
-    disabled_reason = fields.String(allow_none=True)
-    created_at = fields.String()
-    updated_at = fields.String()
-    secret = fields.String(metadata={"description": "Only on create and rotate-secret"})
+    id = fields.String(
+        metadata={"description": "The subscription id", "example": "sub_gujovry5eb2fuldtq5xremjt"}
+    )
+    kind = fields.String(
+        metadata={"description": "Where events go", "enum": list(KINDS), "example": "webhook"}
+    )
+    url = fields.String(
+        metadata={
+            "description": "The receiver; Slack and Discord URLs (which are secrets) and broker "
+            "passwords are shown whole only on create",
+            "example": "http://127.0.0.1:9000/hooks",
+        }
+    )
+    events = fields.List(fields.String(), metadata=EVENTS_DOC)
+    description = fields.String(metadata=DESCRIPTION_DOC)
+    enabled = fields.Boolean(
+        metadata={"description": "false: no deliveries are made", "example": True}
+    )
+    disabled_reason = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "Why motionhook disabled it (e.g. the receiver answered 410); null "
+            "while enabled or when disabled by you",
+            "example": None,
+        },
+    )
+    created_at = fields.String(metadata=CREATED_AT_DOC)
+    updated_at = fields.String(metadata=UPDATED_AT_DOC)
+    secret = fields.String(
+        metadata={
+            "description": "Signing secret of a webhook subscription; only on create and "
+            "rotate-secret",
+            "example": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        }
+    )
 
 
 class SubscriptionListSchema(Schema):
-    items = fields.List(fields.Nested(SubscriptionSchema))
+    items = fields.List(
+        fields.Nested(SubscriptionSchema),
+        metadata={"description": "The project's subscriptions, newest first"},
+    )
 
 
 def _representable(value: datetime) -> None:
@@ -138,39 +177,105 @@ class RecoverSchema(Schema):
 
 
 class RecoverResultSchema(Schema):
-    recovered = fields.Integer(metadata={"description": "How many deliveries were queued"})
+    recovered = fields.Integer(
+        metadata={"description": "How many deliveries were queued", "example": 3}
+    )
 
 
 class TestSentSchema(Schema):
-    event_id = fields.String()
-    delivery_id = fields.String()
+    event_id = fields.String(metadata=EVENT_ID_DOC)
+    delivery_id = fields.String(metadata=DELIVERY_ID_DOC)
 
 
 class AttemptSchema(Schema):
-    attempted_at = fields.String()
-    status_code = fields.Integer(allow_none=True)
-    latency_ms = fields.Float()
-    error = fields.String(allow_none=True)
-    response_excerpt = fields.String(allow_none=True)
-    outcome = fields.String()
+    attempted_at = fields.String(
+        metadata={"description": "When it was sent (RFC 3339)", "example": "2026-01-01T12:00:01Z"}
+    )
+    status_code = fields.Integer(
+        allow_none=True,
+        metadata={"description": "The receiver's HTTP status; null: no answer", "example": 200},
+    )
+    latency_ms = fields.Float(
+        metadata={"description": "From sending to the answer, milliseconds", "example": 42.5}
+    )
+    error = fields.String(
+        allow_none=True,
+        metadata={"description": "Why it failed, when it did", "example": None},
+    )
+    response_excerpt = fields.String(
+        allow_none=True,
+        metadata={"description": "The first bytes of the answer's body", "example": "ok"},
+    )
+    outcome = fields.String(
+        metadata={
+            "description": "delivered; retry (another attempt follows unless the schedule "
+            "is spent); failed (refused, no retry); permanent (refused, and the subscription is "
+            "disabled)",
+            "example": "delivered",
+        }
+    )
 
 
 class DeliverySchema(Schema):
-    id = fields.String()
-    event_id = fields.String()
-    event_type = fields.String()
-    subscription_id = fields.String(allow_none=True)
-    job_id = fields.String(allow_none=True)
-    kind = fields.String()
-    status = fields.String()
-    attempt_count = fields.Integer()
-    next_attempt_at = fields.String(allow_none=True)
-    last_status_code = fields.Integer(allow_none=True)
-    last_error = fields.String(allow_none=True)
-    created_at = fields.String()
-    updated_at = fields.String()
-    delivered_at = fields.String(allow_none=True)
-    attempts = fields.List(fields.Nested(AttemptSchema))
+    id = fields.String(metadata=DELIVERY_ID_DOC)
+    event_id = fields.String(metadata=EVENT_ID_DOC)
+    event_type = fields.String(
+        metadata={
+            "description": "The event's type",
+            "enum": list(SUBSCRIPTION_EVENT_TYPES),
+            "example": "job.completed",
+        }
+    )
+    subscription_id = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "Its subscription; null for a job's own webhook_url",
+            "example": "sub_gujovry5eb2fuldtq5xremjt",
+        },
+    )
+    job_id = fields.String(allow_none=True, metadata=JOB_ID_DOC)
+    kind = fields.String(
+        metadata={
+            "description": "The receiver's kind: a subscription's, or slack_reply or "
+            "discord_reply for the answer to a chat request",
+            "example": "webhook",
+        }
+    )
+    status = fields.String(
+        metadata={
+            "description": "pending (attempts go on), delivered or failed",
+            "enum": list(DELIVERY_STATUSES),
+            "example": "delivered",
+        }
+    )
+    attempt_count = fields.Integer(metadata={"description": "Attempts made so far", "example": 1})
+    next_attempt_at = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "When the next attempt is due (RFC 3339); null unless pending",
+            "example": None,
+        },
+    )
+    last_status_code = fields.Integer(
+        allow_none=True,
+        metadata={"description": "HTTP status of the last attempt", "example": 200},
+    )
+    last_error = fields.String(
+        allow_none=True, metadata={"description": "Error of the last attempt", "example": None}
+    )
+    created_at = fields.String(metadata=CREATED_AT_DOC)
+    updated_at = fields.String(metadata=UPDATED_AT_DOC)
+    delivered_at = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "When it was delivered (RFC 3339)",
+            "example": "2026-01-01T12:00:01Z",
+        },
+    )
+    attempts = fields.List(
+        fields.Nested(AttemptSchema),
+        metadata={"description": "Every attempt, oldest first (GET of one delivery only)"},
+    )
 
 
 class DeliveryListArgs(Schema):
@@ -201,5 +306,10 @@ class DeliveryListArgs(Schema):
 
 
 class DeliveryPageSchema(Schema):
-    items = fields.List(fields.Nested(DeliverySchema))
-    next_cursor = fields.String(allow_none=True)
+    items = fields.List(
+        fields.Nested(DeliverySchema), metadata={"description": "Deliveries, newest first"}
+    )
+    next_cursor = fields.String(
+        allow_none=True,
+        metadata={"description": "Pass as cursor for the next page; null: last", "example": None},
+    )

@@ -7,17 +7,29 @@ from dataclasses import replace
 from typing import Any
 
 from flask.testing import FlaskClient
+from openapi_spec_validator import validate
 
-from schemas.jobs import JobCreateSchema
+from schemas.jobs import SAMPLE_IMAGE_URL, JobCreateSchema
 from service.devstack import ROOT
 from service.extension import Services
 
-REQUEST_SCHEMAS = ("JobCreate", "SubscriptionCreate", "SubscriptionUpdate", "Recover")
+REQUEST_SCHEMAS = (
+    "JobCreate",
+    "SubscriptionCreate",
+    "SubscriptionUpdate",
+    "Recover",
+    "ProjectCreate",
+    "TokenCreate",
+)
 
 
 def spec(client: FlaskClient) -> dict[str, Any]:
     document: dict[str, Any] = client.get("/openapi.json").json
     return document
+
+
+def test_the_document_is_valid_openapi(client: FlaskClient) -> None:
+    validate(spec(client))  # raises, naming the part that is not
 
 
 def test_docs_page_loads_nothing_from_another_origin(client: FlaskClient) -> None:
@@ -62,12 +74,30 @@ def test_every_request_field_has_a_description_and_an_example(client: FlaskClien
             assert "example" in prop, f"{name}.{field} has no example"
 
 
-def test_query_parameters_are_described(client: FlaskClient) -> None:
+def test_every_response_field_is_described_with_an_example(client: FlaskClient) -> None:
+    # Nested objects and lists of them are exemplified by their own fields; a file has none.
+    for name, schema in spec(client)["components"]["schemas"].items():
+        for field, prop in schema.get("properties", {}).items():
+            where = f"{name}.{field}"
+            assert prop.get("description"), f"{where} has no description"
+            composite = {"allOf", "anyOf"} & prop.keys() or "$ref" in prop.get("items", {})
+            if not composite and prop.get("format") != "binary":
+                assert "example" in prop, f"{where} has no example"
+
+
+def test_the_error_example_is_a_real_error(client: FlaskClient, auth: dict[str, str]) -> None:
+    error = spec(client)["components"]["schemas"]["Error"]["properties"]
+    body = {"init_image": SAMPLE_IMAGE_URL, "num_frames": 99}
+    answer = client.post("/v1/jobs", json=body, headers=auth).json
+    assert answer == {name: prop["example"] for name, prop in error.items()}
+
+
+def test_every_parameter_is_described(client: FlaskClient) -> None:
     for path, operations in spec(client)["paths"].items():
         for method, operation in operations.items():
-            if method == "parameters":
-                continue  # path parameters (ids), shared by the path's operations
-            for parameter in operation.get("parameters", []):
+            # "parameters" itself: the path's ids, shared by its operations.
+            parameters = operation if method == "parameters" else operation.get("parameters", [])
+            for parameter in parameters:
                 where = f"{method.upper()} {path} {parameter['name']}"
                 assert parameter.get("description"), f"{where} has no description"
 

@@ -8,6 +8,7 @@ from flask import Flask, Response, request
 from flask_smorest import Api as SmorestApi
 from werkzeug.exceptions import HTTPException
 
+from schemas.errors import ErrorSchema
 from schemas.jobs import JobCreateSchema
 from service.api import docs
 from service.api.errors import register_database_errors
@@ -53,6 +54,11 @@ def _flatten(errors: Any, prefix: str = "") -> list[str]:
 
 class Api(SmorestApi):
     """flask-smorest with error messages that name the offending fields."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def _register_pagination_header(self) -> None:
+        """Leave flask-smorest's page-number header out: every list here pages by cursor."""
 
     def handle_http_exception(self, error: HTTPException) -> Any:
         data = getattr(error, "data", None)
@@ -107,7 +113,7 @@ def register_api(app: Flask) -> Api:
 
     for key, value in API_SETTINGS.items():
         app.config.setdefault(key, value)
-    api = Api(app)
+    api = Api(app, spec_kwargs={"extra_plugins": [docs.PathParameterDocs()]})
     api.spec.components.schema("JobCreate", schema=JobCreateSchema)
     api.spec.components.schema("JobCreateForm", docs.job_form_schema(api.ma_plugin.converter))
     api.register_blueprint(jobs.blp)

@@ -11,6 +11,7 @@ import json
 from importlib.resources import files
 from typing import Any
 
+from apispec import BasePlugin
 from flask import Blueprint, Response, send_from_directory
 
 from schemas.jobs import SAMPLE_IMAGE_URL, JobCreateSchema
@@ -54,7 +55,32 @@ JOB_EXAMPLE = {
 # In a multipart form these fields are JSON text (see service.api.jobs).
 FORM_JSON_FIELDS = ("metadata", "webhook_events")
 
+# What each id in a path is and where it comes from (the URL rules only know "a string").
+PATH_PARAMETERS = {
+    "job_id": "The job's id (`id` in the answer of POST /v1/jobs), "
+    "e.g. job_3huzczuwoo3ap64vxsindikd",
+    "subscription_id": "The subscription's id (`id` in the answer of POST /v1/subscriptions), "
+    "e.g. sub_gujovry5eb2fuldtq5xremjt",
+    "delivery_id": "The delivery's id (from GET /v1/deliveries), e.g. dlv_rtlktymylqudz6rxj47a35sv",
+    "project_id": "The project's id (from GET /v1/projects), e.g. prj_6cwvt3km4fmcqadovsu7p2wq",
+    "token_id": "The token's id (from GET /v1/projects/{project_id}/tokens), "
+    "e.g. tok_qkzkvsczbxddtpwzl6biql43",
+    "track_id": "The job id motionhook gave ModelsLab as track_id; ModelsLab calls this URL "
+    "itself, with its sig",
+}
+
 assets = Blueprint("docs_assets", __name__)
+
+
+class PathParameterDocs(BasePlugin):
+    """Describe every id in a path (see PATH_PARAMETERS) as the document is built."""
+
+    def path_helper(
+        self, path: str | None = None, operations: Any = None, parameters: Any = None, **_: Any
+    ) -> None:
+        for parameter in parameters or []:
+            if parameter.get("in") == "path" and parameter.get("name") in PATH_PARAMETERS:
+                parameter.setdefault("description", PATH_PARAMETERS[parameter["name"]])
 
 
 @assets.get(f"{ASSETS_URL}<path:filename>")

@@ -73,8 +73,10 @@ def hub() -> Hub:
     return cast(Hub, current_app.extensions[HUB])
 
 
-def _position(session: Session, event_id: str, field: str, location: str) -> Position:
-    position = position_of(session, client_project(), event_id)
+def _position(
+    session: Session, project_id: str, event_id: str, field: str, location: str
+) -> Position:
+    position = position_of(session, project_id, event_id)
     if position is None:
         message = f"no event {event_id}"
         abort(422, message=f"{field}: {message}", errors={location: {field: [message]}})
@@ -87,8 +89,13 @@ def _position(session: Session, event_id: str, field: str, location: str) -> Pos
 @blp.response(200, EventPageSchema)
 def list_all(args: dict[str, Any]) -> dict[str, Any]:
     """List events oldest first, after the event id ``after`` (from the start without it)."""
+    project_id = client_project()
     with services().db.transaction() as session:
-        after = _position(session, args["after"], "after", "query") if "after" in args else START
+        after = (
+            _position(session, project_id, args["after"], "after", "query")
+            if "after" in args
+            else START
+        )
         page = read_after(
             session,
             after,
@@ -109,30 +116,38 @@ def list_all(args: dict[str, Any]) -> dict[str, Any]:
 @blp.arguments(EventStreamArgs, location="query")
 def stream_all(args: dict[str, Any]) -> Response:
     """Stream events as they happen (optionally one type or one job's)."""
-    after = None
-    last_event_id = request.headers.get("Last-Event-ID")
-    if last_event_id:
-        with services().db.transaction() as session:
-            after = _position(session, last_event_id, "Last-Event-ID", "headers")
-    return open_stream(
-        client_project(),
-        after=after,
-        event_type=args.get("type"),
-        job_id=args.get("job_id"),
-        until_terminal=False,
-    )
+    return stream_events(client_project(), event_type=args.get("type"), job_id=args.get("job_id"))
 
 
 @blp.get("/jobs/<string:job_id>/stream")
 @blp.doc(**STREAM_DOC)
 def stream_job(job_id: str) -> Response:
     """Stream one job's events from its first; the stream ends after job.completed or failed."""
+    with services().db.transaction() as session:
+        owned(session, Job, job_id, "job")
+    return stream_job_events(client_project(), job_id)
+
+
+def stream_events(project_id: str, *, event_type: str | None, job_id: str | None) -> Response:
+    """The project's events as they happen, after the request's Last-Event-ID if it has one."""
+    after = None
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id:
+        with services().db.transaction() as session:
+            after = _position(session, project_id, last_event_id, "Last-Event-ID", "headers")
+    return open_stream(
+        project_id, after=after, event_type=event_type, job_id=job_id, until_terminal=False
+    )
+
+
+def stream_job_events(project_id: str, job_id: str) -> Response:
+    """One job of the project (the caller checked), from its first event (or after
+    Last-Event-ID) to its last."""
     after = START
     last_event_id = request.headers.get("Last-Event-ID")
     with services().db.transaction() as session:
-        owned(session, Job, job_id, "job")
         if last_event_id:
-            after = _position(session, last_event_id, "Last-Event-ID", "headers")
+            after = _position(session, project_id, last_event_id, "Last-Event-ID", "headers")
         terminal = session.execute(
             select(Event.txid, Event.seq)
             .where(Event.job_id == job_id, Event.type.in_(TERMINAL_TYPES))
@@ -141,9 +156,7 @@ def stream_job(job_id: str) -> Response:
         ).first()
     if terminal is not None and as_position(*terminal) <= after:
         return _sse_response(iter(()))  # the client has seen the end already
-    return open_stream(
-        client_project(), after=after, event_type=None, job_id=job_id, until_terminal=True
-    )
+    return open_stream(project_id, after=after, event_type=None, job_id=job_id, until_terminal=True)
 
 
 def open_stream(

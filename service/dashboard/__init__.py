@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import wraps
@@ -22,6 +23,7 @@ from flask import (
     Flask,
     Response,
     abort,
+    flash,
     g,
     redirect,
     render_template,
@@ -38,18 +40,20 @@ from werkzeug.wrappers import Response as BaseResponse
 from schemas.jobs import EVENT_TYPES, JobCreateSchema
 from schemas.subscriptions import KINDS, SubscriptionCreateSchema
 from schemas.upstream import SUPPORTED_MODELS
-from service.api.events import open_stream
+from service.api.events import stream_events, stream_job_events
 from service.bearer import token_hash
 from service.downloads import store_upload
 from service.eventlog import START, read_after
 from service.extension import services
 from service.jobs import create_job, job_resource, list_jobs
 from service.models import Delivery, Job, Subscription, new_id
-from service.outbound import TargetRefused, validate_target_url
+from service.outbound import TargetRefused
 from service.projects import ADMIN, READ, Principal, resolve_token, resolve_token_hash
 from service.subscriptions import (
-    WEBHOOK,
+    SIGNED_KINDS,
+    MissingExtra,
     SubscriptionLimitReached,
+    check_destination,
     create_subscription,
     get_delivery,
     list_deliveries,
@@ -62,6 +66,8 @@ from service.subscriptions import (
 )
 
 SESSION_KEY = "token_sha256"
+SENT_FORMS_KEY = "sent_forms"
+SENT_FORMS_KEPT = 50
 PAGE = 50
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' http: https: "
@@ -99,6 +105,12 @@ def init_app(app: Flask) -> None:
         WTF_CSRF_TIME_LIMIT=None,  # tied to the session instead
     )
     app.register_blueprint(bp)
+    app.add_url_rule("/", "home", home)
+
+
+def home() -> BaseResponse:
+    """``/``: whoever opens the server's address in a browser lands on the dashboard."""
+    return redirect(url_for("dashboard.jobs"))
 
 
 def principal() -> Principal | None:
@@ -164,7 +176,29 @@ def security_headers(response: Response) -> Response:
 
 @bp.app_context_processor
 def template_globals() -> dict[str, Any]:
-    return {"csrf_token": generate_csrf, "signed_in": signed_in}
+    return {"csrf_token": generate_csrf, "signed_in": signed_in, "form_id": new_form_id}
+
+
+def new_form_id() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def once_per_form(view: View) -> View:
+    """Run a POST view once per rendered form: a reload that posts the form again (its answer
+    shows a new secret, so it cannot redirect) changes nothing a second time."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        form_id = request.form.get("form_id", "")
+        sent: list[str] = session.get(SENT_FORMS_KEY, [])
+        if form_id in sent:
+            flash("That form was sent already; nothing was done again.", "notice")
+            return redirect(url_for("dashboard.subscriptions"), 303)
+        if form_id:
+            session[SENT_FORMS_KEY] = [*sent, form_id][-SENT_FORMS_KEPT:]
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
@@ -263,27 +297,32 @@ def _message(exc: Exception) -> str:
 def job(job_id: str) -> Any:
     svc = services()
     with svc.db.transaction() as db_session:
-        found = db_session.get(Job, job_id)
-        if found is None or found.project_id != project():
-            abort(404)
-        resource = job_resource(found, svc.media_url)
+        resource = job_resource(_owned_job(db_session, job_id), svc.media_url)
         timeline = read_after(db_session, START, limit=200, job_id=job_id).events
-        deliveries, _cursor = list_deliveries(
-            db_session, project(), filters={"job_id": job_id}, limit=PAGE, cursor=None
-        )
-    return _page("dashboard/job.html", job=resource, timeline=timeline, deliveries=deliveries)
+    return _page(
+        "dashboard/job.html", job=resource, timeline=timeline, deliveries=_deliveries(job_id)
+    )
+
+
+def _owned_job(db_session: Session, job_id: str) -> Job:
+    found = db_session.get(Job, job_id)
+    if found is None or found.project_id != project():
+        abort(404)
+    return found
 
 
 @bp.get("/events/stream")
 @login_required
 def events_stream() -> Response:
-    return open_stream(project(), after=None, event_type=None, job_id=None, until_terminal=False)
+    return stream_events(project(), event_type=None, job_id=None)
 
 
 @bp.get("/jobs/<string:job_id>/stream")
 @login_required
 def job_stream(job_id: str) -> Response:
-    return open_stream(project(), after=START, event_type=None, job_id=job_id, until_terminal=True)
+    with services().db.transaction() as db_session:
+        _owned_job(db_session, job_id)
+    return stream_job_events(project(), job_id)
 
 
 # -- deliveries -------------------------------------------------------------
@@ -292,9 +331,23 @@ def job_stream(job_id: str) -> Response:
 @bp.get("/deliveries")
 @login_required
 def deliveries() -> Any:
+    return _page("dashboard/deliveries.html", deliveries=_deliveries(None))
+
+
+@bp.get("/deliveries/table")
+@login_required
+def deliveries_table() -> Any:
+    """The deliveries table alone (optionally one job's): pages refresh it while one is pending."""
+    items = _deliveries(request.args.get("job_id") or None)
+    return _page("dashboard/_deliveries.html", deliveries=items)
+
+
+def _deliveries(job_id: str | None) -> list[dict[str, Any]]:
     with services().db.transaction() as db_session:
-        items, _cursor = list_deliveries(db_session, project(), filters={}, limit=PAGE, cursor=None)
-    return _page("dashboard/deliveries.html", deliveries=items)
+        items, _cursor = list_deliveries(
+            db_session, project(), filters={"job_id": job_id}, limit=PAGE, cursor=None
+        )
+    return items
 
 
 @bp.get("/deliveries/<string:delivery_id>")
@@ -354,6 +407,7 @@ def _subscriptions_page(status: int = 200, **context: Any) -> Any:
         status,
         subscriptions=items,
         kinds=KINDS,
+        signed_kinds=SIGNED_KINDS,
         event_types=EVENT_TYPES,
         **context,
     )
@@ -367,6 +421,7 @@ def subscriptions() -> Any:
 
 @bp.post("/subscriptions")
 @login_required
+@once_per_form
 def create() -> Any:
     form = {
         "kind": request.form.get("kind", ""),
@@ -376,8 +431,8 @@ def create() -> Any:
     }
     try:
         params = SUBSCRIPTION_FORM.load(form)
-        validate_target_url(params["url"], allow_private=services().settings.allow_private_targets)
-    except (ValidationError, TargetRefused) as exc:
+        check_destination(params["kind"], params["url"], services().settings)
+    except (ValidationError, TargetRefused, MissingExtra) as exc:
         return _subscriptions_page(422, error=_message(exc))
     settings = services().settings
     try:
@@ -388,7 +443,10 @@ def create() -> Any:
             shown = subscription_resource(sub, secret=sub.secret)
     except SubscriptionLimitReached as exc:
         return _subscriptions_page(409, error=str(exc))
-    return _subscriptions_page(201, notice="Subscription created.", secret_of=shown)
+    # Slack and Discord subscriptions have no signing secret to show.
+    return _subscriptions_page(
+        201, notice="Subscription created.", secret_of=shown if "secret" in shown else None
+    )
 
 
 def _with_subscription(
@@ -400,8 +458,18 @@ def _with_subscription(
         if sub is None or sub.project_id != project():
             abort(404)
         context = action(db_session, sub)
-    status = 409 if "error" in context else 200
-    return _subscriptions_page(status, **context)
+    if "secret_of" in context:
+        return _subscriptions_page(**context)  # the new secret is in this answer only
+    return _back_to_subscriptions(**context)
+
+
+def _back_to_subscriptions(*, notice: str | None = None, error: str | None = None) -> BaseResponse:
+    """Post/redirect/get: reloading the page afterwards does not repeat the action."""
+    if error is not None:
+        flash(error, "error")
+    if notice is not None:
+        flash(notice, "notice")
+    return redirect(url_for("dashboard.subscriptions"), 303)
 
 
 @bp.post("/subscriptions/<string:subscription_id>/test")
@@ -418,9 +486,10 @@ def test(subscription_id: str) -> Any:
 
 @bp.post("/subscriptions/<string:subscription_id>/rotate")
 @login_required
+@once_per_form
 def rotate(subscription_id: str) -> Any:
     def new_secret(_db_session: Session, sub: Subscription) -> dict[str, Any]:
-        if sub.kind != WEBHOOK:
+        if sub.kind not in SIGNED_KINDS:
             return {"error": f"{sub.kind} subscriptions have no signing secret."}
         secret = rotate_secret(sub)
         return {
@@ -449,7 +518,7 @@ def recover(subscription_id: str) -> Any:
     try:
         since = datetime.fromisoformat(request.form.get("since", "")).replace(tzinfo=UTC)
     except ValueError:
-        return _subscriptions_page(422, error="since: give a date and time")
+        return _back_to_subscriptions(error="since: give a date and time")
 
     def replay(db_session: Session, sub: Subscription) -> dict[str, Any]:
         if not sub.enabled:

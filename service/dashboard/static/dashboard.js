@@ -7,6 +7,43 @@ function setStatus(element, status) {
   element.className = "status status-" + status;
 }
 
+// A delivery's attempts are not events: refresh its table on every event, and every
+// second while one of its deliveries is still pending.
+function liveDeliveries() {
+  const box = document.getElementById("deliveries");
+  let timer = null;
+  let busy = false;
+  let again = false;
+  const refresh = async () => {
+    busy = true;
+    again = false;
+    try {
+      const response = await fetch(box.dataset.refresh, { credentials: "same-origin" });
+      if (response.ok) box.innerHTML = await response.text();
+    } catch (error) {
+      // The server is away for a moment: the next round tries again.
+    }
+    busy = false;
+    timer = null;
+    if (again) schedule(0);
+    else if (box.querySelector(".status-pending")) schedule(1000);
+  };
+  const schedule = (delay) => {
+    if (busy) again = true;
+    else if (timer === null) timer = setTimeout(refresh, delay);
+  };
+  if (box.querySelector(".status-pending")) schedule(1000);
+  return () => schedule(0);
+}
+
+function deliveriesPage(body) {
+  const refresh = liveDeliveries();
+  const source = new EventSource(body.dataset.stream);
+  for (const type of ["job.processing", "job.completed", "job.failed", "test.ping"]) {
+    source.addEventListener(type, refresh);
+  }
+}
+
 function jobsPage(body) {
   const tbody = document.querySelector("#jobs tbody");
   const source = new EventSource(body.dataset.stream);
@@ -39,8 +76,10 @@ function jobsPage(body) {
 function jobPage(body) {
   const timeline = document.getElementById("timeline");
   const video = document.getElementById("video");
+  const refreshDeliveries = liveDeliveries();
   const source = new EventSource(body.dataset.stream);
   const onEvent = (message) => {
+    refreshDeliveries();
     const envelope = JSON.parse(message.data);
     const job = envelope.data;
     if (!timeline.querySelector(`li[data-event="${CSS.escape(envelope.id)}"]`)) {
@@ -94,6 +133,6 @@ function deliveryPage(body) {
 
 document.addEventListener("DOMContentLoaded", () => {
   const body = document.body;
-  const pages = { jobs: jobsPage, job: jobPage, delivery: deliveryPage };
+  const pages = { jobs: jobsPage, job: jobPage, deliveries: deliveriesPage, delivery: deliveryPage };
   (pages[body.dataset.page] || (() => {}))(body);
 });
