@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import RAISE, Schema, fields, missing, validate
 
 SCOPES = ("read", "write", "admin")
 PROJECT_NAME = validate.Regexp(
@@ -10,12 +10,42 @@ PROJECT_NAME = validate.Regexp(
     error="must be 1 to 64 lower-case letters, digits, '-' or '_', starting with a letter or digit",
 )
 
+# The value is never echoed in an error: it is a credential.
+MODELSLAB_API_KEY = validate.Regexp(
+    r"^[\x21-\x7e]{8,256}\Z", error="must be 8 to 256 printable characters without spaces"
+)
+MODELSLAB_API_KEY_HELP = (
+    "The project's own ModelsLab API key: its jobs are submitted and fetched with it and "
+    "count against that account's queued-request cap. Shown back only masked; null: the "
+    "instance's key (MOTIONHOOK_MODELSLAB_API_KEY) and its cap, shared with the other "
+    "projects without a key."
+)
+
+
+def modelslab_api_key_field(*, required: bool) -> fields.String:
+    """The key as a project's create (optional, default null) or update (required) takes it."""
+    return fields.String(
+        required=required,
+        load_default=missing if required else None,
+        allow_none=True,
+        validate=MODELSLAB_API_KEY,
+        metadata={"description": MODELSLAB_API_KEY_HELP},
+    )
+
 
 class ProjectCreateSchema(Schema):
     class Meta:
         unknown = RAISE
 
     name = fields.String(required=True, validate=PROJECT_NAME)
+    modelslab_api_key = modelslab_api_key_field(required=False)
+
+
+class ProjectUpdateSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    modelslab_api_key = modelslab_api_key_field(required=True)
 
 
 class ProjectSchema(Schema):
@@ -24,6 +54,14 @@ class ProjectSchema(Schema):
     created_at = fields.String()
     webhook_secret = fields.String(
         metadata={"description": "Signs per-job webhooks; only on create and rotate"}
+    )
+    modelslab_api_key = fields.String(
+        allow_none=True,
+        metadata={
+            "description": "The project's own ModelsLab key, masked: *** and its "
+            "last 4 characters (*** alone for a key under 16); null when the project "
+            "uses the instance's key"
+        },
     )
 
 

@@ -79,7 +79,7 @@ def test_the_cap_holds_and_positions_count_what_waits(
     assert claim(services, 10) == [batch[0], single[0], batch[1]]
     assert claim(services, 10) == []
     with services.db.transaction() as session:
-        assert slots_in_use(session) == 3
+        assert slots_in_use(session)["default"] == 3
         positions = [queue_position(session, session.get(Job, job_id)) for job_id in batch]
     assert positions == [None, None, 1, 2, 3]
     # ModelsLab refused one (not a 429): its slot is free again, for the next in line.
@@ -112,7 +112,7 @@ def test_a_429_pauses_everything_then_lets_one_probe_out(
             retry_after=0.5,
             max_queued=3,
         )
-        state = session.get(UpstreamCapacity, 1)
+        state = session.get(UpstreamCapacity, "default")
         assert state is not None and state.effective_cap == 2 and state.probing
     # Paused (claim looks one second ahead: past the pause), then one probe at a time.
     assert claim(services, 10) == [batch[3]]
@@ -127,6 +127,6 @@ def test_a_429_pauses_everything_then_lets_one_probe_out(
             retry_after=None,
             max_queued=3,
         )
-        state = session.get(UpstreamCapacity, 1)
+        state = session.get(UpstreamCapacity, "default")
         assert state is not None and not state.probing and state.probe_job_id is None
-        assert slots_in_use(session) == 3
+        assert slots_in_use(session)["default"] == 3
