@@ -56,10 +56,9 @@ class ProjectSchema(Schema):
         metadata={"description": "Signs per-job webhooks; only on create and rotate"}
     )
     modelslab_api_key = fields.String(
-        allow_none=True,
         metadata={
             "description": "The project's own ModelsLab key, masked: *** and its "
-            "last 4 characters (*** alone for a key under 16); null when the project "
+            "last 4 characters (*** alone for a key under 16); absent when the project "
             "uses the instance's key"
         },
     )

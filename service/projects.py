@@ -90,7 +90,8 @@ def _stored_token(db: Database, digest: str) -> Principal | None:
 
 
 def project_resource(project: Project, *, webhook_secret: str | None = None) -> dict[str, Any]:
-    """Render a project; its webhook secret only when just created or rotated."""
+    """Render a project; its webhook secret only when just created or rotated, its own
+    ModelsLab key (masked) only when it has one."""
     resource: dict[str, Any] = {
         "id": project.id,
         "name": project.name,
@@ -98,14 +99,13 @@ def project_resource(project: Project, *, webhook_secret: str | None = None) -> 
     }
     if webhook_secret is not None:
         resource["webhook_secret"] = webhook_secret
-    resource["modelslab_api_key"] = mask_key(project.modelslab_api_key)
+    if project.modelslab_api_key is not None:
+        resource["modelslab_api_key"] = mask_key(project.modelslab_api_key)
     return resource
 
 
-def mask_key(key: str | None) -> str | None:
+def mask_key(key: str) -> str:
     """Show a ModelsLab key as ``***`` and its last characters (only ``***`` if short)."""
-    if key is None:
-        return None
     return MASK + (key[-KEY_SHOWN:] if len(key) >= 4 * KEY_SHOWN else "")
 
 

@@ -149,7 +149,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def sim(receiver: Receiver) -> Iterator[Sim]:
-    app = create_simulator_app(FAST, api_key=API_KEY)
+    app = create_simulator_app(FAST, api_keys=(API_KEY,))
     with serve(app) as base_url:
         client = Sim(app, base_url, receiver)
         yield client
@@ -356,7 +356,7 @@ def test_output_is_404_for_an_unknown_job(sim: Sim) -> None:
 
 def test_public_url_is_the_base_of_links(receiver: Receiver) -> None:
     app = create_simulator_app(
-        SimulatorKnobs(delay=0), api_key=API_KEY, public_url="https://sim.example/"
+        SimulatorKnobs(delay=0), api_keys=(API_KEY,), public_url="https://sim.example/"
     )
     body = app.test_client().post(
         "/api/v6/video/img2video",
