@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from service.devstack import Stack
-from service.simulator.engine import key_fingerprint
+from service.simulator import key_fingerprint
 from tests.conftest import eventually
 from tests.test_e2e_core import (
     DEADLINE,

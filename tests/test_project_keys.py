@@ -239,3 +239,15 @@ def test_a_job_of_a_project_without_a_key_uses_the_instance_key(
         job = session.get(Job, job_id)
         assert job is not None
         assert upstream_key(session, job) is None
+
+
+def test_metrics_show_slots_per_account_by_name_never_by_key(
+    client: FlaskClient, alpha: Tenant
+) -> None:
+    assert set_key(client, alpha.project_id, PROJECT_KEY).status_code == 200
+    assert client.post("/v1/jobs", json=IMAGE, headers=alpha.auth).status_code == 202
+    scraped = client.get("/metrics").get_data(as_text=True)
+    account = account_of(PROJECT_KEY, INSTANCE_KEY)
+    assert f'motionhook_upstream_slots{{account="{account}",state="waiting"}} 1.0' in scraped
+    assert 'motionhook_upstream_slots{account="default",state="in_use"} 0.0' in scraped
+    assert PROJECT_KEY not in scraped
