@@ -14,6 +14,7 @@ from service.capacity import claim_submits
 from service.db import Database
 from service.migrate import alembic_config, upgrade
 from service.models import Base, utcnow
+from tests.test_projects_migration import database_at
 
 # The revision before per-project keys.
 PREVIOUS = "0006"
@@ -34,12 +35,21 @@ ROWS_BEFORE = [
 
 @pytest.fixture
 def old_database(stack_database_url: str) -> Database:
-    db = Database(stack_database_url)
-    upgrade(db, PREVIOUS)
-    with db.engine.begin() as connection:
-        for statement in ROWS_BEFORE:
-            connection.execute(text(statement))
-    return db
+    return database_at(stack_database_url, PREVIOUS, ROWS_BEFORE)
+
+
+def claim(db: Database) -> list[str]:
+    with db.transaction() as session:
+        claimed = claim_submits(
+            session,
+            db,
+            owner="test",
+            lease=60,
+            limit=5,
+            max_queued=5,
+            now=utcnow() + timedelta(seconds=1),
+        )
+        return [task.job_id for task in claimed]
 
 
 def test_existing_capacity_state_becomes_the_default_accounts(old_database: Database) -> None:
@@ -58,31 +68,11 @@ def test_existing_capacity_state_becomes_the_default_accounts(old_database: Data
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 
     # The pause carried over holds the waiting job back; the slot held still counts.
-    with old_database.transaction() as session:
-        claimed = claim_submits(
-            session,
-            old_database,
-            owner="test",
-            lease=60,
-            limit=5,
-            max_queued=5,
-            now=utcnow() + timedelta(seconds=1),
-        )
-    assert claimed == []
+    assert claim(old_database) == []
     with old_database.engine.begin() as connection:
         connection.execute(text("UPDATE upstream_capacity SET paused_until = NULL"))
-    with old_database.transaction() as session:
-        claimed = claim_submits(
-            session,
-            old_database,
-            owner="test",
-            lease=60,
-            limit=5,
-            max_queued=5,
-            now=utcnow() + timedelta(seconds=1),
-        )
     # Probing after the pause: one submission goes out, as before the upgrade.
-    assert [task.job_id for task in claimed] == ["job_wait"]
+    assert claim(old_database) == ["job_wait"]
     old_database.dispose()
 
 

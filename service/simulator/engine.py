@@ -183,6 +183,7 @@ class _Account:
 
     submits: int = 0
     fetches: int = 0
+    # Generations submitted and not finished, now and at the most (ModelsLab's "queued").
     outstanding: int = 0
     max_outstanding: int = 0
     http_statuses: dict[str, Counter[str]] = field(default_factory=_by_operation)
@@ -198,18 +199,14 @@ class _Account:
 
 
 @dataclass
-class _Stats:
-    submits: int = 0
-    fetches: int = 0
+class _Stats(_Account):
+    """The same counts over every account, and what is not per account."""
+
     callbacks_sent: int = 0
     callbacks_failed: int = 0
     output_downloads: int = 0
     output_404s: int = 0
-    # Generations submitted and not finished, now and at the most (ModelsLab's "queued").
-    outstanding: int = 0
-    max_outstanding: int = 0
     answered: dict[str, Counter[str]] = field(default_factory=_by_operation)
-    http_statuses: dict[str, Counter[str]] = field(default_factory=_by_operation)
     # By key_fingerprint of the key each request carried.
     accounts: defaultdict[str, _Account] = field(default_factory=lambda: defaultdict(_Account))
     recent_callbacks: deque[dict[str, Any]] = field(
@@ -261,18 +258,12 @@ class Simulator:
         with self._lock:
             stats = self._stats
             return {
-                "submits": stats.submits,
-                "fetches": stats.fetches,
+                **stats.as_dict(),
                 "callbacks_sent": stats.callbacks_sent,
                 "callbacks_failed": stats.callbacks_failed,
                 "output_downloads": stats.output_downloads,
                 "output_404s": stats.output_404s,
-                "outstanding": stats.outstanding,
-                "max_outstanding": stats.max_outstanding,
                 "answered": {kind: dict(counts) for kind, counts in stats.answered.items()},
-                "http_statuses": {
-                    kind: dict(counts) for kind, counts in stats.http_statuses.items()
-                },
                 "accounts": {name: account.as_dict() for name, account in stats.accounts.items()},
                 "jobs": dict(Counter(job.status for job in self._jobs.values())),
                 "recent_callbacks": list(stats.recent_callbacks),
