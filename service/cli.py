@@ -445,8 +445,8 @@ def projects_list() -> None:
     prompt="ModelsLab API key",
     hide_input=True,
     envvar="MOTIONHOOK_PROJECT_MODELSLAB_API_KEY",
-    help="The key; asked for (hidden) or read from stdin when not given, so it stays "
-    "out of the shell history.",
+    help="The key. Better left out: it is then asked for, hidden (scripts set "
+    "MOTIONHOOK_PROJECT_MODELSLAB_API_KEY), so it stays out of shell history and ps.",
 )
 def projects_set_key(name: str, modelslab_api_key: str) -> None:
     """Give a project its own ModelsLab key: its jobs use that account and its cap."""

@@ -158,6 +158,15 @@ def test_the_command_sets_lists_masked_and_clears_a_key(
     assert stored(services, alpha.project_id) == (None, None)
 
 
+def test_a_script_gives_the_command_the_key_in_the_environment(
+    services: Services, alpha: Tenant, motionhook: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOTIONHOOK_PROJECT_MODELSLAB_API_KEY", OTHER_KEY)
+    made = motionhook("projects", "set-key", "alpha")
+    assert OTHER_KEY not in made.output
+    assert stored(services, alpha.project_id)[0] == OTHER_KEY
+
+
 def test_the_command_refuses_a_bad_key_and_an_unknown_project(
     services: Services, alpha: Tenant, motionhook: Any
 ) -> None:
