@@ -131,6 +131,12 @@ def test_only_admins_set_keys_and_an_unknown_project_is_404(
     assert set_key(client, "prj_nope", PROJECT_KEY).status_code == 404
 
 
+def test_a_key_in_a_request_body_is_scrubbed_from_sentry_events() -> None:
+    event = {"request": {"data": {"name": "alpha", "modelslab_api_key": PROJECT_KEY}}}
+    scrubbed = json.dumps(before_send(event, {}))
+    assert PROJECT_KEY not in scrubbed and "alpha" in scrubbed
+
+
 def test_setting_a_key_does_not_log_it(
     client: FlaskClient, alpha: Tenant, caplog: pytest.LogCaptureFixture
 ) -> None:
