@@ -408,7 +408,8 @@ SCOPE_CHOICE = click.Choice(["read", "write", "admin"])
 
 @main.group()
 def projects() -> None:
-    """Projects: each sees only its own jobs, subscriptions and deliveries."""
+    """Projects: each sees only its own jobs, subscriptions and deliveries, and may bring
+    its own ModelsLab key (set-key, clear-key)."""
 
 
 @projects.command("create")
