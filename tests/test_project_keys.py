@@ -69,7 +69,10 @@ def test_an_admin_sets_and_clears_a_projects_key_and_sees_it_only_masked(
     assert row["modelslab_api_key"] == "***" + PROJECT_KEY[-4:]
     for response in (answer, listed):
         assert PROJECT_KEY not in response.get_data(as_text=True)
-    assert stored(services, alpha.project_id) == (PROJECT_KEY, account_of(PROJECT_KEY, ""))
+    assert stored(services, alpha.project_id) == (
+        PROJECT_KEY,
+        account_of(PROJECT_KEY, INSTANCE_KEY),
+    )
 
     cleared = set_key(client, alpha.project_id, None)
     assert cleared.status_code == 200
@@ -154,7 +157,10 @@ def test_the_command_sets_lists_masked_and_clears_a_key(
 ) -> None:
     made = motionhook("projects", "set-key", "alpha", stdin=PROJECT_KEY + "\n")
     assert "***" + PROJECT_KEY[-4:] in made.output
-    assert stored(services, alpha.project_id) == (PROJECT_KEY, account_of(PROJECT_KEY, ""))
+    assert stored(services, alpha.project_id) == (
+        PROJECT_KEY,
+        account_of(PROJECT_KEY, INSTANCE_KEY),
+    )
     listed = motionhook("projects", "list").output
     assert "***" + PROJECT_KEY[-4:] in listed
     for output in (made.output, listed):
