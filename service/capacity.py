@@ -44,7 +44,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal_column, select
+from sqlalchemy import and_, func, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -133,17 +133,23 @@ def free_slots(state: UpstreamCapacity, in_use: int, max_queued: int, now: datet
     return max(0, cap - in_use + probe)
 
 
-def _submits_by_account(until: datetime | None = None) -> Any:
-    """Submit tasks (due by ``until``, when given) by account: the earliest due time."""
-    query = (
+def _accounts(session: Session) -> list[str]:
+    """Every account a job can be submitted on: ``default`` and the projects' own."""
+    own = session.scalars(
+        select(Project.modelslab_account).where(Project.modelslab_account.is_not(None)).distinct()
+    )
+    return [DEFAULT_ACCOUNT, *own]
+
+
+def _submits_by_account() -> Any:
+    """Submit tasks by account: the earliest due time."""
+    return (
         select(job_account().label("account"), func.min(Task.due_at))
         .join(Job, Job.id == Task.job_id)
         .outerjoin(Project, Project.id == Job.project_id)
         .where(Task.kind == "submit")
+        .group_by(job_account())
     )
-    if until is not None:
-        query = query.where(Task.due_at <= until)
-    return query.group_by(job_account())
 
 
 def next_submit_due(session: Session, db: Database, max_queued: int) -> datetime | None:
@@ -229,11 +235,11 @@ def claim_submits(
     )
     states: dict[str, UpstreamCapacity] = {}
     in_use: Counter[str] = Counter()
+    lines = [(due, limit)]  # no cap: one line for every account
     if max_queued:
-        waiting = [name for name, _ in session.execute(_submits_by_account(now))]
-        states = lock_states(session, db, waiting, max_queued)
+        states = lock_states(session, db, _accounts(session), max_queued)
         in_use = slots_in_use(session, states)
-        allowed: dict[str, int] = {}
+        allowed = {}
         for name, state in states.items():
             state.effective_cap = effective_cap(state, max_queued)  # shown by /metrics
             if state.probe_job_id and state.updated_at < now - timedelta(seconds=lease):
@@ -241,25 +247,21 @@ def claim_submits(
             free = free_slots(state, in_use[name], max_queued, now)
             if free > 0:
                 allowed[name] = min(limit, free)
-        if not allowed:
-            return []
-        due = due.where(account.in_(list(allowed)))
-    # Round-robin across projects, first in first out within each (see _turn), and no
-    # account beyond its free slots. A window function cannot be locked FOR UPDATE:
-    # the order is read, then rows locked.
-    lined = due.subquery()
-    order = (lined.c.turn, lined.c.created_at, lined.c.job_id)
-    place = func.row_number().over(partition_by=lined.c.account, order_by=order)
-    ranked = select(*lined.c, place.label("place")).subquery()
-    query = select(ranked.c.id, ranked.c.account)
-    if states:
-        query = query.where(ranked.c.place <= case(allowed, value=ranked.c.account, else_=0))
-    picks = session.execute(
-        query.order_by(ranked.c.turn, ranked.c.created_at, ranked.c.job_id).limit(limit)
-    ).all()
+        lines = [(due.where(account == name), free) for name, free in allowed.items()]
+    # Round-robin across projects, first in first out within each (see _turn), each
+    # account's line up to its free slots. A window function cannot be locked FOR
+    # UPDATE: the order is read, then rows locked.
+    picks: list[Any] = []
+    for query, free in lines:
+        line = query.subquery()
+        order = (line.c.turn, line.c.created_at, line.c.job_id)
+        picks += session.execute(
+            select(line.c.id, *order, line.c.account).order_by(*order).limit(free)
+        )
+    picks = sorted(picks, key=lambda pick: tuple(pick[1:4]))[:limit]
     if not picks:
         return []
-    account_of_task = dict(picks)
+    account_of_task = {pick[0]: pick[4] for pick in picks}
     claim = (
         select(Task, Job)
         .join(Job, Job.id == Task.job_id)
@@ -269,7 +271,7 @@ def claim_submits(
         # Both rows, skipping any that another transaction holds: a callback locks the
         # job and then deletes its tasks, so waiting on either here could deadlock.
         claim = claim.with_for_update(of=(Task, Job), skip_locked=True)
-    rank = {task_id: place for place, (task_id, _) in enumerate(picks)}
+    rank = {pick[0]: place for place, pick in enumerate(picks)}
     rows = sorted(session.execute(claim).tuples(), key=lambda row: rank[row[0].id])
     claimed = []
     last_of: dict[str, str] = {}
