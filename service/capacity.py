@@ -141,42 +141,35 @@ def _accounts(session: Session) -> list[str]:
     return [DEFAULT_ACCOUNT, *own]
 
 
-def _submits_by_account() -> Any:
-    """Submit tasks by account: the earliest due time."""
-    return (
-        select(job_account().label("account"), func.min(Task.due_at))
-        .join(Job, Job.id == Task.job_id)
-        .outerjoin(Project, Project.id == Job.project_id)
-        .where(Task.kind == "submit")
-        .group_by(job_account())
-    )
-
-
 def next_submit_due(session: Session, db: Database, max_queued: int) -> datetime | None:
-    """When a submit can next go out: None while every account with work is full
-    (a release wakes us)."""
-    due = {account: aware(when) for account, when in session.execute(_submits_by_account())}
+    """When a submit can next go out: the end of a pause, or the first due submit of an
+    account with a free slot; None while every account is full (a release wakes us)."""
+    first_due = select(func.min(Task.due_at)).where(Task.kind == "submit")
     if not max_queued:
-        return min((when for when in due.values() if when is not None), default=None)
+        return aware(session.scalar(first_due))
     now = utcnow()
-    states = {
-        state.account: state
-        for state in session.scalars(
-            select(UpstreamCapacity).where(UpstreamCapacity.account.in_(list(due)))
-        )
-    }
-    in_use = slots_in_use(session, due)
-    times = []
-    for account, when in due.items():
-        state = states.get(account)
-        if when is None:
-            continue
-        if state is None:
-            times.append(when)
-        elif state.paused_until is not None and state.paused_until > now:
-            times.append(max(when, state.paused_until))
-        elif free_slots(state, in_use[account], max_queued, now):
-            times.append(when)
+    accounts = _accounts(session)
+    query = select(UpstreamCapacity).where(UpstreamCapacity.account.in_(accounts))
+    states = {state.account: state for state in session.scalars(query)}
+    in_use = slots_in_use(session, accounts)
+    times: list[datetime] = []
+    open_accounts = []
+    for name in accounts:
+        state = states.get(name)
+        if state is not None and state.paused_until is not None and state.paused_until > now:
+            times.append(state.paused_until)
+        elif state is None or free_slots(state, in_use[name], max_queued, now):
+            open_accounts.append(name)
+    if open_accounts:
+        if len(open_accounts) < len(accounts):
+            first_due = (
+                first_due.join(Job, Job.id == Task.job_id)
+                .outerjoin(Project, Project.id == Job.project_id)
+                .where(job_account().in_(open_accounts))
+            )
+        due = aware(session.scalar(first_due))
+        if due is not None:
+            times.append(due)
     return min(times, default=None)
 
 
