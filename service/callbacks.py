@@ -22,6 +22,7 @@ from schemas.upstream import UPSTREAM_RESPONSE, UpstreamResult
 from service.db import Database
 from service.jobs import IGNORED, MediaUrl, apply_upstream_result
 from service.models import CallbackRecord, Job, utcnow
+from service.projects import job_api_key
 from service.upstream import redact_api_key
 
 MALFORMED, UNKNOWN_JOB, MISMATCH = "malformed", "unknown_job", "mismatch"
@@ -126,21 +127,22 @@ def receive_callback(
 ) -> CallbackOutcome:
     """Store an authenticated callback and apply it, all in one transaction.
 
-    The body is kept verbatim except for the ModelsLab key, which is cut out before
-    anything stores or parses it (an error message may echo it). Beyond
+    The body is kept verbatim except for the ModelsLab keys (the instance's and the
+    job's project's own), which are cut out before anything stores or parses it (an
+    error message may echo them). Beyond
     ``max_per_job`` stored callbacks of one job, further ones are answered 200 and
     neither stored nor applied: ModelsLab must not retry them, and reconciliation
     (the fetch fallback) still completes a job that is somehow still waiting.
     """
-    raw = redact_api_key(raw, api_key)
-    try:
-        result: UpstreamResult | None = parse_callback(raw)
-        problem = ""
-    except ValueError as exc:
-        result, problem = None, str(exc)
     with db.transaction() as session:
         if _callbacks_stored(session, job_id) >= max_per_job:
             return CallbackOutcome(200, OVER_CAP, f"more than {max_per_job} callbacks; ignored")
+        raw = redact_api_key(raw, api_key, job_api_key(session, job_id))
+        try:
+            result: UpstreamResult | None = parse_callback(raw)
+            problem = ""
+        except ValueError as exc:
+            result, problem = None, str(exc)
         if result is None:
             _record(session, job_id, raw, CALLBACK, MALFORMED, problem)
             return CallbackOutcome(400, MALFORMED, problem)

@@ -1,23 +1,27 @@
-"""ModelsLab capacity: never more jobs outstanding than the account's queued-request cap.
+"""ModelsLab capacity: never more jobs outstanding than an account's queued-request cap.
 
 A ModelsLab account holds only 5, 10 or 15 queued requests (by plan); more get a
-429. A job takes a *slot* (``jobs.upstream_slot_since``) when a worker claims it
+429. Capacity is kept per *account*: ``default`` is the instance's key
+(``MOTIONHOOK_MODELSLAB_API_KEY``), shared by every project without a key of its
+own; a project that brings its own key has its own account (two projects with the
+same key share it). A job takes a *slot* of its project's account
+(``jobs.upstream_slot_since``, ``jobs.upstream_account``) when a worker claims it
 for submission, and gives it back the moment ModelsLab is done with it (its
 terminal result is applied: callback, fetch or timeout) or did not take it (a
-429, a rejection, a transient error). Claiming locks the one
-``upstream_capacity`` row, so two workers on two machines can never both take
-the last slot (SQLite has a single writer anyway).
+429, a rejection, a transient error). Claiming locks the accounts'
+``upstream_capacity`` rows, so two workers on two machines can never both take
+the last slot of an account (SQLite has a single writer anyway).
 
-The cap in force (``effective_cap``) adapts to what ModelsLab accepts, for an
-account that another program shares:
+The cap in force on each account (``effective_cap``) adapts to what ModelsLab
+accepts, for an account that another program shares:
 
 1. Normally up to ``effective_cap`` jobs are outstanding (at first, and at most,
    ``MOTIONHOOK_MODELSLAB_MAX_QUEUED``).
-2. A 429 pauses every submission until its ``retry_after`` (30 s if it names
-   none), and the cap becomes what ModelsLab had accepted: the jobs outstanding
-   besides the refused one (at least 1).
-3. After the pause, one probe goes out; nothing else is submitted until
-   ModelsLab has accepted it.
+2. A 429 pauses every submission to that account until its ``retry_after`` (30 s
+   if it names none), and the cap becomes what ModelsLab had accepted: the jobs
+   outstanding besides the refused one (at least 1). Other accounts go on.
+3. After the pause, one probe goes out; nothing else is submitted to the account
+   until ModelsLab has accepted it.
 4. While the cap is below the configured one, one submission beyond it goes out
    as a probe, at most once every ``PROBE_EVERY`` × ``retry_after`` (5 minutes
    for ModelsLab's 30 s); each accepted probe raises the cap by one, back up to
@@ -25,52 +29,92 @@ account that another program shares:
    program sees at most one 429 per ``retry_after`` window, and far fewer once
    the cap has settled on what ModelsLab takes.
 
-Waiting jobs are taken fairly across projects, first in first out within each:
-the next slot goes to the project holding the fewest, so one project's batch of
-500 holds back another's single job by at most one slot turnover.
-``MOTIONHOOK_QUEUE_TIMEOUT`` bounds the wait: a job that never reached ModelsLab
-fails with ``queue_timeout``.
+Waiting jobs are taken fairly across the projects sharing an account, first in
+first out within each: the next slot goes to the project holding the fewest, so
+one project's batch of 500 holds back another's single job by at most one slot
+turnover. ``MOTIONHOOK_QUEUE_TIMEOUT`` bounds the wait: a job that never reached
+ModelsLab fails with ``queue_timeout``.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, literal_column, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.db import Database
 from service.metrics import record_queue_wait
-from service.models import Job, JobStatus, Task, UpstreamCapacity, utcnow
+from service.models import Job, JobStatus, Project, Task, UpstreamCapacity, utcnow
 from service.queue import ClaimedTask, aware
 
-STATE_ID = 1
+DEFAULT_ACCOUNT = "default"
 DEFAULT_RETRY_AFTER = 30.0
 PROBE_EVERY = 10
 # Jobs failed for waiting too long, at most this many per claim (the rest: next claim).
 QUEUE_TIMEOUT_BATCH = 100
 
 
-def lock_state(session: Session, db: Database, max_queued: int) -> UpstreamCapacity:
-    """Load and lock the capacity row (the migration creates it)."""
-    query = select(UpstreamCapacity).where(UpstreamCapacity.id == STATE_ID)
+def account_of(api_key: str | None, instance_key: str) -> str | None:
+    """Name the ModelsLab account of a project's own key; None for the instance's account.
+
+    A digest, not the key, so the name can sit in every job row and in metrics.
+    """
+    if not api_key or api_key == instance_key:
+        return None
+    return "key_" + hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+def job_account() -> Any:
+    """The account a job's slot counts against (needs ``Project`` outer-joined to ``Job``)."""
+    # Inline, not a bound parameter: PostgreSQL must see the same expression in GROUP BY.
+    return func.coalesce(Project.modelslab_account, literal_column(f"'{DEFAULT_ACCOUNT}'"))
+
+
+def lock_states(
+    session: Session, db: Database, accounts: Iterable[str], max_queued: int
+) -> dict[str, UpstreamCapacity]:
+    """Load and lock the capacity rows of ``accounts``, creating those not there yet.
+
+    Locked in the order of their names, so two workers never wait on each other in a
+    circle; a row two workers create at once is inserted by one, then locked by both.
+    """
+    names = sorted(set(accounts))
+    if not names:
+        return {}
+    query = (
+        select(UpstreamCapacity)
+        .where(UpstreamCapacity.account.in_(names))
+        .order_by(UpstreamCapacity.account)
+    )
     if not db.is_sqlite:
         query = query.with_for_update()
-    state = session.scalars(query).first()
-    if state is None:  # a schema made without the migration's row
-        state = UpstreamCapacity(id=STATE_ID, effective_cap=max_queued, probing=False)
-        session.add(state)
-    return state
+    states = {state.account: state for state in session.scalars(query)}
+    missing = [name for name in names if name not in states]
+    if missing:
+        dialect = sqlite if db.is_sqlite else postgresql
+        now = utcnow()
+        rows = [
+            {"account": name, "effective_cap": max_queued, "probing": False, "updated_at": now}
+            for name in missing
+        ]
+        session.execute(dialect.insert(UpstreamCapacity).values(rows).on_conflict_do_nothing())
+        query = query.execution_options(populate_existing=True)
+        states = {state.account: state for state in session.scalars(query)}
+    return states
 
 
-def slots_in_use(session: Session) -> int:
-    return (
-        session.scalar(
-            select(func.count()).select_from(Job).where(Job.upstream_slot_since.is_not(None))
-        )
-        or 0
-    )
+def slots_in_use(session: Session, accounts: Iterable[str] | None = None) -> Counter[str]:
+    """Slots held now, by account (of ``accounts`` only, when given)."""
+    query = select(Job.upstream_account, func.count()).where(Job.upstream_slot_since.is_not(None))
+    if accounts is not None:
+        query = query.where(Job.upstream_account.in_(list(accounts)))
+    return Counter(dict(session.execute(query.group_by(Job.upstream_account)).tuples().all()))
 
 
 def effective_cap(state: UpstreamCapacity, max_queued: int) -> int:
@@ -78,7 +122,7 @@ def effective_cap(state: UpstreamCapacity, max_queued: int) -> int:
 
 
 def free_slots(state: UpstreamCapacity, in_use: int, max_queued: int, now: datetime) -> int:
-    """How many jobs may be submitted now, probes included (see the rules above)."""
+    """How many jobs may be submitted to the account now, probes included (see above)."""
     if state.paused_until is not None and state.paused_until > now:
         return 0
     if state.probing:
@@ -89,17 +133,44 @@ def free_slots(state: UpstreamCapacity, in_use: int, max_queued: int, now: datet
     return max(0, cap - in_use + probe)
 
 
+def _accounts(session: Session) -> list[str]:
+    """Every account a job can be submitted on: ``default`` and the projects' own."""
+    own = session.scalars(
+        select(Project.modelslab_account).where(Project.modelslab_account.is_not(None)).distinct()
+    )
+    return [DEFAULT_ACCOUNT, *own]
+
+
 def next_submit_due(session: Session, db: Database, max_queued: int) -> datetime | None:
-    """When a submit can next go out: None while every slot is taken (a release wakes us)."""
-    if max_queued:
-        state = session.get(UpstreamCapacity, STATE_ID)
-        now = utcnow()
-        if state is not None:
-            if state.paused_until is not None and state.paused_until > now:
-                return state.paused_until
-            if not free_slots(state, slots_in_use(session), max_queued, now):
-                return None
-    return aware(session.scalar(select(func.min(Task.due_at)).where(Task.kind == "submit")))
+    """When a submit can next go out: the end of a pause, or the first due submit of an
+    account with a free slot; None while every account is full (a release wakes us)."""
+    first_due = select(func.min(Task.due_at)).where(Task.kind == "submit")
+    if not max_queued:
+        return aware(session.scalar(first_due))
+    now = utcnow()
+    accounts = _accounts(session)
+    query = select(UpstreamCapacity).where(UpstreamCapacity.account.in_(accounts))
+    states = {state.account: state for state in session.scalars(query)}
+    in_use = slots_in_use(session, accounts)
+    times: list[datetime] = []
+    open_accounts = []
+    for name in accounts:
+        state = states.get(name)
+        if state is not None and state.paused_until is not None and state.paused_until > now:
+            times.append(state.paused_until)
+        elif state is None or free_slots(state, in_use[name], max_queued, now):
+            open_accounts.append(name)
+    if open_accounts:
+        if len(open_accounts) < len(accounts):
+            first_due = (
+                first_due.join(Job, Job.id == Task.job_id)
+                .outerjoin(Project, Project.id == Job.project_id)
+                .where(job_account().in_(open_accounts))
+            )
+        due = aware(session.scalar(first_due))
+        if due is not None:
+            times.append(due)
+    return min(times, default=None)
 
 
 def release_slot(session: Session, db: Database, job: Job) -> None:
@@ -139,67 +210,84 @@ def claim_submits(
     max_queued: int,
     now: datetime,
 ) -> list[ClaimedTask]:
-    """Lease due submit tasks, first in first out, as far as the ModelsLab cap allows.
+    """Lease due submit tasks, first in first out, as far as each account's cap allows.
 
     A job that already holds a slot (its worker died before submitting) takes no
     new one. Returns the leased tasks; their jobs hold slots from now on.
     """
-    allowed = limit
-    state = None
-    in_use = 0
-    if max_queued:
-        state = lock_state(session, db, max_queued)
-        state.effective_cap = effective_cap(state, max_queued)  # shown by /metrics
-        if state.probe_job_id and state.updated_at < now - timedelta(seconds=lease):
-            state.probe_job_id = None  # its worker died: the probe's lease has run out
-        in_use = slots_in_use(session)
-        allowed = min(limit, free_slots(state, in_use, max_queued, now))
-    if allowed <= 0:
-        return []
-    # Round-robin across projects, first in first out within each (see _turn). A
-    # window function cannot be locked FOR UPDATE: the order is read, then rows locked.
     held = _slots_by_project()
+    account = job_account()
     due = (
-        select(Task.id, Job.created_at, Job.id.label("job_id"), _turn(held))
+        select(
+            Task.id, Job.created_at, Job.id.label("job_id"), _turn(held), account.label("account")
+        )
         .join(Job, Job.id == Task.job_id)
+        .outerjoin(Project, Project.id == Job.project_id)
         .outerjoin(held, held.c.project_id == Job.project_id)
         .where(Task.kind == "submit", Task.due_at <= now)
-        .subquery()
     )
-    order = (due.c.turn, due.c.created_at, due.c.job_id)
-    picked = list(session.scalars(select(due.c.id).order_by(*order).limit(allowed)))
-    if not picked:
+    states: dict[str, UpstreamCapacity] = {}
+    in_use: Counter[str] = Counter()
+    lines = [(due, limit)]  # no cap: one line for every account
+    if max_queued:
+        states = lock_states(session, db, _accounts(session), max_queued)
+        in_use = slots_in_use(session, states)
+        allowed = {}
+        for name, state in states.items():
+            state.effective_cap = effective_cap(state, max_queued)  # shown by /metrics
+            if state.probe_job_id and state.updated_at < now - timedelta(seconds=lease):
+                state.probe_job_id = None  # its worker died: the probe's lease has run out
+            free = free_slots(state, in_use[name], max_queued, now)
+            if free > 0:
+                allowed[name] = min(limit, free)
+        lines = [(due.where(account == name), free) for name, free in allowed.items()]
+    # Round-robin across projects, first in first out within each (see _turn), each
+    # account's line up to its free slots. A window function cannot be locked FOR
+    # UPDATE: the order is read, then rows locked.
+    picks: list[Any] = []
+    for query, free in lines:
+        line = query.subquery()
+        order = (line.c.turn, line.c.created_at, line.c.job_id)
+        picks += session.execute(
+            select(line.c.id, *order, line.c.account).order_by(*order).limit(free)
+        )
+    picks = sorted(picks, key=lambda pick: tuple(pick[1:4]))[:limit]
+    if not picks:
         return []
-    query = (
+    account_of_task = {pick[0]: pick[4] for pick in picks}
+    claim = (
         select(Task, Job)
         .join(Job, Job.id == Task.job_id)
-        .where(Task.id.in_(picked), Task.due_at <= now)
+        .where(Task.id.in_(list(account_of_task)), Task.due_at <= now)
     )
     if not db.is_sqlite:
         # Both rows, skipping any that another transaction holds: a callback locks the
         # job and then deletes its tasks, so waiting on either here could deadlock.
-        query = query.with_for_update(of=(Task, Job), skip_locked=True)
-    rank = {task_id: place for place, task_id in enumerate(picked)}
-    rows = sorted(session.execute(query).tuples(), key=lambda row: rank[row[0].id])
+        claim = claim.with_for_update(of=(Task, Job), skip_locked=True)
+    rank = {pick[0]: place for place, pick in enumerate(picks)}
+    rows = sorted(session.execute(claim).tuples(), key=lambda row: rank[row[0].id])
     claimed = []
+    last_of: dict[str, str] = {}
     for task, job in rows:
         task.due_at = now + timedelta(seconds=lease)
         task.lease_owner = owner
         task.attempts += 1
         if job.upstream_slot_since is None:
             job.upstream_slot_since = now
-            in_use += 1
+            job.upstream_account = account_of_task[task.id]
+            in_use[job.upstream_account] += 1
             record_queue_wait((now - job.created_at).total_seconds())
+        last_of[job.upstream_account] = job.id
         claimed.append(
             ClaimedTask(task.id, task.kind, task.job_id, task.attempts, task.created_at, owner)
         )
-    if (
-        state is not None
-        and claimed
-        and (state.probing or in_use > effective_cap(state, max_queued))
-    ):
-        state.probe_job_id = claimed[-1].job_id  # the one beyond the cap, or after a pause
-        state.updated_at = now
+    for name, job_id in last_of.items():
+        account_state = states.get(name)
+        if account_state is not None and (
+            account_state.probing or in_use[name] > effective_cap(account_state, max_queued)
+        ):
+            account_state.probe_job_id = job_id  # the one beyond the cap, or after a pause
+            account_state.updated_at = now
     return claimed
 
 
@@ -213,18 +301,19 @@ def settle_submit(
     retry_after: float | None,
     max_queued: int,
 ) -> None:
-    """Update slots and the cap after ModelsLab answered (or did not answer) a submit."""
+    """Update slots and the job's account's cap after ModelsLab answered (or did not)."""
     if not accepted:
         release_slot(session, db, job)
     if not max_queued:
         return
-    state = lock_state(session, db, max_queued)
+    account = job.upstream_account
+    state = lock_states(session, db, [account], max_queued)[account]
     was_probe = state.probe_job_id == job.id
     if was_probe:
         state.probe_job_id = None
     now = utcnow()
     if rate_limited:
-        state.effective_cap = max(1, slots_in_use(session))
+        state.effective_cap = max(1, slots_in_use(session, [account])[account])
         pause = retry_after or DEFAULT_RETRY_AFTER
         state.paused_until = now + timedelta(seconds=pause)
         state.probe_after = now + timedelta(seconds=pause * PROBE_EVERY)
@@ -258,18 +347,29 @@ def fail_overdue_in_queue(
 
 
 def queue_position(session: Session, job: Job) -> int | None:
-    """1-based place of a job among those waiting for a slot; None when it is not waiting.
+    """1-based place of a job among those waiting for a slot of its account; None when
+    it is not waiting.
 
-    In the order slots are handed out: round-robin across projects, oldest first in
-    each (a job that waits for a retry after a transient error may go a little later).
+    In the order slots are handed out: round-robin across the account's projects,
+    oldest first in each (a job that waits for a retry after a transient error may
+    go a little later).
     """
     if job.status != JobStatus.QUEUED or job.upstream_slot_since is not None:
         return None
     held = _slots_by_project()
+    account = job_account()
+    mine_account = (
+        select(account).select_from(Job).outerjoin(Project, Project.id == Job.project_id)
+    ).where(Job.id == job.id)
     waiting = (
         select(Job.id, Job.created_at, _turn(held))
         .outerjoin(held, held.c.project_id == Job.project_id)
-        .where(Job.status == JobStatus.QUEUED, Job.upstream_slot_since.is_(None))
+        .outerjoin(Project, Project.id == Job.project_id)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.upstream_slot_since.is_(None),
+            account == mine_account.scalar_subquery(),
+        )
         .subquery()
     )
     mine = select(waiting.c.turn).where(waiting.c.id == job.id).scalar_subquery()

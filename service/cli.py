@@ -408,7 +408,8 @@ SCOPE_CHOICE = click.Choice(["read", "write", "admin"])
 
 @main.group()
 def projects() -> None:
-    """Projects: each sees only its own jobs, subscriptions and deliveries."""
+    """Projects: each sees only its own jobs, subscriptions and deliveries, and may bring
+    its own ModelsLab key (set-key, clear-key)."""
 
 
 @projects.command("create")
@@ -428,13 +429,57 @@ def projects_create(name: str) -> None:
 
 @projects.command("list")
 def projects_list() -> None:
-    """List projects: id, name, creation time."""
+    """List projects: id, name, creation time, own ModelsLab key (masked) if any."""
     from service.projects import list_projects, project_resource
 
     with load_services().db.transaction() as session:
         for project in list_projects(session):
             row = project_resource(project)
-            click.echo(f"{row['id']}\t{row['name']}\t{row['created_at']}")
+            key = row.get("modelslab_api_key", "-")
+            click.echo(f"{row['id']}\t{row['name']}\t{row['created_at']}\t{key}")
+
+
+@projects.command("set-key")
+@click.argument("name")
+@click.option(
+    "--modelslab-api-key",
+    prompt="ModelsLab API key",
+    hide_input=True,
+    envvar="MOTIONHOOK_PROJECT_MODELSLAB_API_KEY",
+    help="The key. Better left out: it is then asked for, hidden (scripts set "
+    "MOTIONHOOK_PROJECT_MODELSLAB_API_KEY), so it stays out of shell history and ps.",
+)
+def projects_set_key(name: str, modelslab_api_key: str) -> None:
+    """Give a project its own ModelsLab key: its jobs use that account and its cap."""
+    from schemas.projects import ProjectUpdateSchema
+    from service.projects import mask_key, set_modelslab_key
+
+    key = modelslab_api_key.strip()
+    errors = ProjectUpdateSchema().validate({"modelslab_api_key": key})
+    if errors:
+        raise click.BadParameter(
+            "; ".join(errors["modelslab_api_key"]), param_hint="--modelslab-api-key"
+        )
+    svc = load_services()
+    with svc.db.transaction() as session:
+        set_modelslab_key(
+            _project_named(session, name, "NAME"), key, svc.settings.modelslab_api_key
+        )
+    click.echo(f"project {name} now uses its own ModelsLab key {mask_key(key)}")
+
+
+@projects.command("clear-key")
+@click.argument("name")
+def projects_clear_key(name: str) -> None:
+    """Take a project's own ModelsLab key away: it goes back to the instance's key."""
+    from service.projects import set_modelslab_key
+
+    svc = load_services()
+    with svc.db.transaction() as session:
+        set_modelslab_key(
+            _project_named(session, name, "NAME"), None, svc.settings.modelslab_api_key
+        )
+    click.echo(f"project {name} now uses the instance's ModelsLab key")
 
 
 @main.group()
@@ -442,13 +487,13 @@ def tokens() -> None:
     """API tokens of a project, stored hashed: create (shown once), list, revoke."""
 
 
-def _project_named(session: Session, name: str) -> Project:
+def _project_named(session: Session, name: str, param_hint: str = "--project") -> Project:
     """The project called ``name``, or a usage error naming it."""
     from service.projects import find_project
 
     project = find_project(session, name)
     if project is None:
-        raise click.BadParameter(f"no project named {name!r}", param_hint="--project")
+        raise click.BadParameter(f"no project named {name!r}", param_hint=param_hint)
     return project
 
 

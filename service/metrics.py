@@ -45,6 +45,7 @@ from service.models import (
     Delivery,
     DeliveryAttempt,
     Job,
+    Project,
     Subscription,
     Task,
     UpstreamCapacity,
@@ -205,6 +206,9 @@ class DatabaseCollector:
         yield took
 
     def _query(self) -> list[Metric]:
+        # Not at the top: the capacity module records its queue waits here.
+        from service.capacity import DEFAULT_ACCOUNT, job_account
+
         now = utcnow()
         jobs = GaugeMetricFamily("motionhook_jobs", "Jobs by status.", labels=["status"])
         oldest_job = GaugeMetricFamily(
@@ -245,18 +249,30 @@ class DatabaseCollector:
         )
         capacity = GaugeMetricFamily(
             "motionhook_upstream_slots",
-            "ModelsLab queued-request slots: in use, jobs waiting for one, and the cap in force.",
-            labels=["state"],
+            "ModelsLab queued-request slots by account (default: the instance's key; key_…: "
+            "a project's own key): in use, jobs waiting for one, and the cap in force.",
+            labels=["account", "state"],
         )
         with self.db.transaction() as session:
-            slots = _pairs(
+            in_use = _pairs(
                 session.execute(
-                    select(Job.upstream_slot_since.is_not(None), func.count())
-                    .where(Job.upstream_slot_since.is_not(None) | (Job.status == "queued"))
-                    .group_by(Job.upstream_slot_since.is_not(None))
+                    select(Job.upstream_account, func.count())
+                    .where(Job.upstream_slot_since.is_not(None))
+                    .group_by(Job.upstream_account)
                 )
             )
-            cap = session.scalar(select(UpstreamCapacity.effective_cap))
+            waiting = _pairs(
+                session.execute(
+                    select(job_account(), func.count())
+                    .select_from(Job)
+                    .outerjoin(Project, Project.id == Job.project_id)
+                    .where(Job.upstream_slot_since.is_(None), Job.status == "queued")
+                    .group_by(job_account())
+                )
+            )
+            caps = _pairs(
+                session.execute(select(UpstreamCapacity.account, UpstreamCapacity.effective_cap))
+            )
             by_status = _pairs(
                 session.execute(select(Job.status, func.count()).group_by(Job.status))
             )
@@ -340,9 +356,10 @@ class DatabaseCollector:
                 deliveries.add_metric([kind, status], recent_deliveries.get((kind, status), 0))
         for outcome in sorted(set(ATTEMPT_OUTCOMES) | set(recent_attempts)):
             attempts.add_metric([outcome], recent_attempts.get(outcome, 0))
-        capacity.add_metric(["in_use"], slots.get(True, 0))
-        capacity.add_metric(["waiting"], slots.get(False, 0))
-        capacity.add_metric(["cap"], cap or 0)
+        for account in sorted({DEFAULT_ACCOUNT, *in_use, *waiting, *caps}):
+            capacity.add_metric([account, "in_use"], in_use.get(account, 0))
+            capacity.add_metric([account, "waiting"], waiting.get(account, 0))
+            capacity.add_metric([account, "cap"], caps.get(account) or 0)
         return [
             jobs,
             oldest_job,

@@ -120,6 +120,11 @@ class Project(Base):
     secret: Mapped[str | None] = mapped_column(Text)
     previous_secret: Mapped[str | None] = mapped_column(Text)
     previous_secret_expires_at: Mapped[datetime | None]
+    # The project's own ModelsLab key (None: the instance's MOTIONHOOK_MODELSLAB_API_KEY),
+    # kept as given because every upstream call sends it; shown only masked.
+    modelslab_api_key: Mapped[str | None] = mapped_column(Text)
+    # The capacity account that key names (service.capacity.account_of); None: ``default``.
+    modelslab_account: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -166,6 +171,8 @@ class Job(Base):
     completed_at: Mapped[datetime | None]
     # Set while the job holds one of the ModelsLab account's queued-request slots.
     upstream_slot_since: Mapped[datetime | None] = mapped_column(index=True)
+    # The ModelsLab account whose cap that slot counts against (set when it is taken).
+    upstream_account: Mapped[str] = mapped_column(String(40), server_default="default")
     # Where a chat job was asked for: {"kind", "workspace", "channel", "user"} (else None).
     source: Mapped[dict[str, Any] | None]
     # Where a chat job's replies go; holds an interaction token, so never in a resource.
@@ -287,8 +294,9 @@ class DeliveryAttempt(Base):
 
 
 class UpstreamCapacity(Base):
-    """The one row of ModelsLab capacity state every worker shares (and locks to claim).
+    """The capacity state of one ModelsLab account, shared by every worker (locked to claim).
 
+    ``account`` is ``default`` (the instance's key) or a project key's account.
     ``effective_cap`` is how many queued requests ModelsLab is taking now (at most
     ``MOTIONHOOK_MODELSLAB_MAX_QUEUED``); after a 429 all submissions pause until
     ``paused_until``, then ``probing`` lets one submission out at a time until one is
@@ -298,7 +306,9 @@ class UpstreamCapacity(Base):
 
     __tablename__ = "upstream_capacity"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # 1 on the ``default`` row: the previous release's workers lock ``id = 1``.
+    id: Mapped[int | None] = mapped_column(Integer, autoincrement=False)
     effective_cap: Mapped[int | None] = mapped_column(Integer)
     paused_until: Mapped[datetime | None]
     probing: Mapped[bool] = mapped_column(Boolean, default=False)

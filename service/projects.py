@@ -5,6 +5,9 @@ A client token belongs to one project and reaches only that project's rows. Scop
 tokens; an admin token is a client of no project). Tokens from the database are
 stored as their SHA-256 and shown once, on create; ``MOTIONHOOK_API_TOKENS`` are
 ``write`` tokens of project ``default`` and ``MOTIONHOOK_ADMIN_TOKENS`` are admin.
+
+A project may bring its own ModelsLab key: its jobs are then submitted and fetched
+with it, on that account's queued-request cap. The key is never shown back whole.
 """
 
 from __future__ import annotations
@@ -18,16 +21,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.bearer import is_one_of, token_hash
+from service.capacity import account_of
 from service.db import Database
 from service.jobs import isoformat
-from service.models import DEFAULT_PROJECT_ID, ApiToken, Project, new_id, utcnow
+from service.models import DEFAULT_PROJECT_ID, ApiToken, Job, Project, new_id, utcnow
 from service.notifiers.webhook import generate_secret
-from service.subscriptions import rotate_secret
+from service.subscriptions import MASK, rotate_secret
 
 DEFAULT_PROJECT = "default"
 READ, WRITE, ADMIN = "read", "write", "admin"
 SCOPES = (READ, WRITE, ADMIN)
 TOKEN_PREFIX = "mh_"
+# A masked key keeps this many of its last characters, enough to recognise it.
+KEY_SHOWN = 4
 
 
 class ProjectNameTaken(Exception):
@@ -84,7 +90,8 @@ def _stored_token(db: Database, digest: str) -> Principal | None:
 
 
 def project_resource(project: Project, *, webhook_secret: str | None = None) -> dict[str, Any]:
-    """Render a project; its webhook secret only when just created or rotated."""
+    """Render a project; its webhook secret only when just created or rotated, its own
+    ModelsLab key (masked) only when it has one."""
     resource: dict[str, Any] = {
         "id": project.id,
         "name": project.name,
@@ -92,7 +99,34 @@ def project_resource(project: Project, *, webhook_secret: str | None = None) -> 
     }
     if webhook_secret is not None:
         resource["webhook_secret"] = webhook_secret
+    if project.modelslab_api_key is not None:
+        resource["modelslab_api_key"] = mask_key(project.modelslab_api_key)
     return resource
+
+
+def mask_key(key: str) -> str:
+    """Show a ModelsLab key as ``***`` and its last characters (only ``***`` if short)."""
+    return MASK + (key[-KEY_SHOWN:] if len(key) >= 4 * KEY_SHOWN else "")
+
+
+def set_modelslab_key(project: Project, key: str | None, instance_key: str) -> None:
+    """Give the project its own ModelsLab key (None: back to the instance's key).
+
+    Jobs already at ModelsLab keep the slot they hold on their account; the next
+    submit and fetch of every job of the project use the new key.
+    """
+    project.modelslab_api_key = key
+    project.modelslab_account = account_of(key, instance_key)
+    project.updated_at = utcnow()
+
+
+def job_api_key(session: Session, job_id: str) -> str | None:
+    """The own ModelsLab key of the job's project, or None when it uses the instance's."""
+    return session.scalar(
+        select(Project.modelslab_api_key)
+        .join(Job, Job.project_id == Project.id)
+        .where(Job.id == job_id)
+    )
 
 
 def token_resource(token: ApiToken, *, value: str | None = None) -> dict[str, Any]:

@@ -38,6 +38,8 @@ from service.jobs import (
     move_job,
 )
 from service.models import Job, JobStatus, utcnow
+from service.observability import register_secrets
+from service.projects import job_api_key
 from service.queue import ClaimedTask, finish_task, hold_task, retry_task
 from service.retry import Schedule
 from service.upstream import RESULT, UpstreamClient
@@ -76,6 +78,16 @@ def upstream_params(job: Job, services: Services) -> dict[str, Any]:
     return params
 
 
+def upstream_key(session: Session, job: Job) -> str | None:
+    """The ModelsLab key of the job's project, if it has its own (else the instance's is used).
+
+    Made known to the log and Sentry scrubbers of this process before it is sent.
+    """
+    api_key = job_api_key(session, job.id)
+    register_secrets(api_key)
+    return api_key
+
+
 def claim_submits(ctx: TaskContext, owner: str, limit: int) -> list[ClaimedTask]:
     """Fail jobs that waited too long for a slot, then lease submits the cap allows."""
     services = ctx.services
@@ -112,7 +124,8 @@ def submit(ctx: TaskContext, task: ClaimedTask) -> None:
             finish_task(session, task)
             return
         params = upstream_params(job, services)
-    answer = ctx.upstream.submit(params)
+        api_key = upstream_key(session, job)
+    answer = ctx.upstream.submit(params, api_key)
     log.info(
         "submitted upstream",
         extra={"outcome": answer.kind, "http_status": answer.http_status},
@@ -258,7 +271,8 @@ def reconcile(ctx: TaskContext, task: ClaimedTask) -> None:
             return
         upstream_id = job.upstream_id
         due_by = deadline(job, settings.job_timeout)
-    answer = ctx.upstream.fetch(upstream_id) if upstream_id else None
+        api_key = upstream_key(session, job)
+    answer = ctx.upstream.fetch(upstream_id, api_key) if upstream_id else None
 
     def apply(session: Session) -> None:
         job = session.get(Job, task.job_id, with_for_update=True)

@@ -3,7 +3,8 @@
 Every answer becomes an :class:`UpstreamAnswer`: a parsed result, a permanent
 rejection (400/401/402 or ``status: error``: the job fails, no retry) or a
 transient problem (429, 5xx, timeouts: the job stays queued and is retried).
-The API key is sent upstream and nowhere else: it is scrubbed from any message.
+The API key (the instance's, or the project's own) is sent upstream and nowhere
+else: both are scrubbed from any message.
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ PERMANENT_HTTP = frozenset({400, 401, 402, 403, 404, 405, 413, 422})
 REDACTED = b"[redacted]"
 
 
-def redact_api_key(data: bytes, api_key: str) -> bytes:
-    """Remove the ModelsLab key from bytes that came from upstream, before anything keeps them.
+def redact_api_key(data: bytes, *api_keys: str | None) -> bytes:
+    """Remove ModelsLab keys from bytes that came from upstream, before anything keeps them.
 
     Submit and fetch answers and callbacks may echo the key (in an error message,
     say); they are stored in the audit log, shown in jobs and fanned out in events.
     """
-    if not api_key or api_key == SIMULATOR_API_KEY:
-        return data
-    return data.replace(api_key.encode(), REDACTED)
+    for api_key in sorted({key for key in api_keys if key}, key=len, reverse=True):
+        if api_key != SIMULATOR_API_KEY:
+            data = data.replace(api_key.encode(), REDACTED)
+    return data
 
 
 @dataclass(frozen=True)
@@ -59,22 +61,25 @@ class UpstreamClient:
         self.timeout = timeout
         self.session = session
 
-    def submit(self, params: dict[str, Any]) -> UpstreamAnswer:
-        """POST an img2video request; ``params`` must not contain the key."""
-        answer = self._post("/video/img2video", {"key": self.api_key, **params})
+    def submit(self, params: dict[str, Any], api_key: str | None = None) -> UpstreamAnswer:
+        """POST an img2video request with ``api_key`` (else the instance's key);
+        ``params`` must not contain the key."""
+        key = api_key or self.api_key
+        answer = self._post("/video/img2video", {**params, "key": key}, key)
         record_upstream("submit", answer)
         return answer
 
-    def fetch(self, upstream_id: str) -> UpstreamAnswer:
+    def fetch(self, upstream_id: str, api_key: str | None = None) -> UpstreamAnswer:
         """POST to the fetch endpoint for a job ModelsLab knows as ``upstream_id``."""
-        answer = self._post(f"/video/fetch/{upstream_id}", {"key": self.api_key})
+        key = api_key or self.api_key
+        answer = self._post(f"/video/fetch/{upstream_id}", {"key": key}, key)
         record_upstream("fetch", answer)
         return answer
 
-    def _scrub(self, text: str) -> str:
-        return redact_api_key(text.encode(), self.api_key).decode()
+    def _post(self, path: str, body: dict[str, Any], api_key: str) -> UpstreamAnswer:
+        def scrub(text: str) -> str:
+            return redact_api_key(text.encode(), api_key, self.api_key).decode()
 
-    def _post(self, path: str, body: dict[str, Any]) -> UpstreamAnswer:
         started = time.perf_counter()
         try:
             response = self.session.post(
@@ -89,11 +94,11 @@ class UpstreamClient:
         except requests.RequestException as exc:
             return UpstreamAnswer(
                 RETRY,
-                message=self._scrub(f"could not reach ModelsLab: {type(exc).__name__}"),
+                message=scrub(f"could not reach ModelsLab: {type(exc).__name__}"),
                 latency=time.perf_counter() - started,
             )
         latency = time.perf_counter() - started
-        raw = redact_api_key(response.content, self.api_key)
+        raw = redact_api_key(response.content, api_key, self.api_key)
         status = response.status_code
         payload: Any = None
         try:
@@ -103,7 +108,7 @@ class UpstreamClient:
         message = ""
         if isinstance(payload, dict):
             message = str(payload.get("message") or payload.get("messege") or "")
-        message = self._scrub(message)[:1000]
+        message = scrub(message)[:1000]
 
         def answer(kind: str, **extra: Any) -> UpstreamAnswer:
             return UpstreamAnswer(kind, http_status=status, raw=raw, latency=latency, **extra)
@@ -133,6 +138,6 @@ class UpstreamClient:
             return answer(
                 REJECTED,
                 result=result,
-                message=self._scrub(result.message or "ModelsLab reported an error"),
+                message=scrub(result.message or "ModelsLab reported an error"),
             )
         return answer(RESULT, result=result)

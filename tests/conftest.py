@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 from service import create_app
 from service.callbacks import callback_token
+from service.cli import main
 from service.db import normalize_url
 from service.devstack import Stack, wait_until
 from service.extension import Services
@@ -64,14 +66,23 @@ def app_config(database_url: str, tmp_path: Path, **overrides: Any) -> dict[str,
     }
 
 
+@pytest.fixture
+def app_overrides() -> dict[str, Any]:
+    """Settings of the ``app`` fixture beyond ``app_config``'s; a test module may override it."""
+    return {}
+
+
 @pytest.fixture(params=ENGINES)
 def app(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    app_overrides: dict[str, Any],
 ) -> Iterator[Flask]:
     """The web app on a migrated database (SQLite, and PostgreSQL when configured)."""
     monkeypatch.setenv("MOTIONHOOK_INSTANCE_PATH", str(tmp_path / "instance"))
     url = _make_url(request, request.param, tmp_path)
-    flask_app = create_app(app_config(url, tmp_path))
+    flask_app = create_app(app_config(url, tmp_path, **app_overrides))
     services: Services = flask_app.extensions["motionhook"]
     upgrade(services.db)
     yield flask_app
@@ -105,6 +116,23 @@ def services(app: Flask) -> Services:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def motionhook(services: Services, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """Run the ``motionhook`` command against the test app's database and settings."""
+    settings = services.settings
+    monkeypatch.setenv("MOTIONHOOK_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("MOTIONHOOK_STORAGE_URL", settings.storage_url)
+    monkeypatch.setenv("MOTIONHOOK_CALLBACK_SECRET", settings.callback_secret)
+    monkeypatch.setenv("MOTIONHOOK_MODELSLAB_API_KEY", settings.modelslab_api_key)
+
+    def run(*args: str, exit_code: int = 0, stdin: str | None = None) -> Any:
+        result = CliRunner().invoke(main, list(args), input=stdin)
+        assert result.exit_code == exit_code, result.output
+        return result
+
+    return run
 
 
 @pytest.fixture

@@ -14,12 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, text
 
-from service.cli import main
 from service.extension import Services
 from service.models import DEFAULT_PROJECT_ID, ApiToken, Delivery, Job, Project, Subscription
 from tests.tenants import Tenant, add_project, add_token
@@ -401,22 +399,6 @@ def test_default_rotates_away_from_the_configured_webhook_secret(
 
 
 # -- the command -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def motionhook(services: Services, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Run ``motionhook`` against the test app's database."""
-    settings = services.settings
-    monkeypatch.setenv("MOTIONHOOK_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("MOTIONHOOK_STORAGE_URL", settings.storage_url)
-    monkeypatch.setenv("MOTIONHOOK_CALLBACK_SECRET", settings.callback_secret)
-
-    def run(*args: str, exit_code: int = 0) -> Any:
-        result = CliRunner().invoke(main, list(args))
-        assert result.exit_code == exit_code, result.output
-        return result
-
-    return run
 
 
 def test_the_tokens_command_creates_lists_and_revokes(

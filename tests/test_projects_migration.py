@@ -34,15 +34,20 @@ ROWS_BEFORE = [
 ]
 
 
+def database_at(url: str, revision: str, statements: list[str]) -> Database:
+    """A database migrated up to ``revision``, with rows inserted by ``statements``."""
+    db = Database(url)
+    upgrade(db, revision)
+    with db.engine.begin() as connection:
+        for statement in statements:
+            connection.execute(text(statement))
+    return db
+
+
 @pytest.fixture
 def old_database(stack_database_url: str) -> Database:
     """A database one migration before projects, with a job, subscription, event and delivery."""
-    db = Database(stack_database_url)
-    upgrade(db, PREVIOUS)
-    with db.engine.begin() as connection:
-        for statement in ROWS_BEFORE:
-            connection.execute(text(statement))
-    return db
+    return database_at(stack_database_url, PREVIOUS, ROWS_BEFORE)
 
 
 def test_existing_rows_move_into_project_default(

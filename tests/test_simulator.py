@@ -27,10 +27,12 @@ from service.simulator import (
     SimulatorKnobs,
     create_simulator_app,
     get_simulator,
+    key_fingerprint,
     render_video,
 )
 
 API_KEY = "test-key"
+OTHER_KEY = "another-account-key"
 WAIT = 15.0  # deadline for anything asynchronous: tests wait on conditions, never fixed sleeps
 FAST = SimulatorKnobs(delay=0.1, eta=3)
 
@@ -149,7 +151,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def sim(receiver: Receiver) -> Iterator[Sim]:
-    app = create_simulator_app(FAST, api_key=API_KEY)
+    app = create_simulator_app(FAST, api_keys=(API_KEY, OTHER_KEY))
     with serve(app) as base_url:
         client = Sim(app, base_url, receiver)
         yield client
@@ -356,7 +358,7 @@ def test_output_is_404_for_an_unknown_job(sim: Sim) -> None:
 
 def test_public_url_is_the_base_of_links(receiver: Receiver) -> None:
     app = create_simulator_app(
-        SimulatorKnobs(delay=0), api_key=API_KEY, public_url="https://sim.example/"
+        SimulatorKnobs(delay=0), api_keys=(API_KEY,), public_url="https://sim.example/"
     )
     body = app.test_client().post(
         "/api/v6/video/img2video",
@@ -471,6 +473,24 @@ def test_max_queued_knob_answers_429_while_the_queue_is_full(sim: Sim) -> None:
 
     assert response.status_code == 429
     assert response.json()["message"] == "Rate limit exceeded. Maximum 1 queued requests allowed."
+
+
+def test_each_key_is_an_account_with_its_own_cap_and_counts(sim: Sim) -> None:
+    sim.set_knobs(max_queued=1, delay=60)
+    first = sim.submit()
+    other = sim.submit(key=OTHER_KEY)
+    refused = sim.submit()
+    sim.fetch(other.json()["id"], key=OTHER_KEY)
+
+    assert [first.status_code, other.status_code, refused.status_code] == [200, 200, 429]
+    accounts = sim.stats()["accounts"]
+    assert set(accounts) == {key_fingerprint(API_KEY), key_fingerprint(OTHER_KEY)}
+    mine, theirs = accounts[key_fingerprint(API_KEY)], accounts[key_fingerprint(OTHER_KEY)]
+    assert mine["submits"] == 2 and mine["fetches"] == 0 and mine["outstanding"] == 1
+    assert mine["http_statuses"]["submit"] == {"200": 1, "429": 1}
+    assert theirs["submits"] == 1 and theirs["fetches"] == 1 and theirs["max_outstanding"] == 1
+    assert sim.stats()["max_outstanding"] == 2
+    assert API_KEY not in str(accounts) and OTHER_KEY not in str(accounts)
 
 
 def test_error_knob_answers_error_with_http_200(sim: Sim) -> None:

@@ -11,6 +11,7 @@ from schemas.projects import (
     ProjectCreateSchema,
     ProjectListSchema,
     ProjectSchema,
+    ProjectUpdateSchema,
     TokenCreateSchema,
     TokenListSchema,
     TokenSchema,
@@ -28,6 +29,7 @@ from service.projects import (
     project_resource,
     revoke_token,
     rotate_webhook_secret,
+    set_modelslab_key,
     token_resource,
 )
 
@@ -55,12 +57,27 @@ def load_project(session: Session, project_id: str) -> Project:
 @blp.alt_response(409, description="The name is taken")
 def create(params: dict[str, Any]) -> dict[str, Any]:
     """Create a project; its per-job webhook secret is shown here once."""
-    with services().db.transaction() as session:
+    svc = services()
+    with svc.db.transaction() as session:
         try:
             project = create_project(session, params["name"])
         except ProjectNameTaken:
             abort(409, message=f"name: a project named {params['name']!r} already exists")
+        set_modelslab_key(project, params["modelslab_api_key"], svc.settings.modelslab_api_key)
         return project_resource(project, webhook_secret=project.secret)
+
+
+@blp.patch("/<string:project_id>")
+@blp.doc(security=SECURITY)
+@blp.arguments(ProjectUpdateSchema)
+@blp.response(200, ProjectSchema)
+def update(params: dict[str, Any], project_id: str) -> dict[str, Any]:
+    """Set the project's own ModelsLab key (null: use the instance's); shown back masked."""
+    svc = services()
+    with svc.db.transaction() as session:
+        project = load_project(session, project_id)
+        set_modelslab_key(project, params["modelslab_api_key"], svc.settings.modelslab_api_key)
+        return project_resource(project)
 
 
 @blp.get("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
@@ -23,17 +24,20 @@ control = Blueprint("simulator_control", __name__, url_prefix="/_sim")
 def create_simulator_app(
     knobs: SimulatorKnobs | None = None,
     *,
-    api_key: str | None = None,
+    api_keys: Iterable[str] = (),
     public_url: str | None = None,
 ) -> Flask:
     """Build a Flask app that behaves like ModelsLab's img2video API.
 
-    ``api_key``, when set, must be sent as ``key``; ``public_url`` is the base of the
+    One of ``api_keys``, when given, must be sent as ``key`` (any key is taken
+    otherwise); each key is its own account with its own queued-request cap, and
+    ``/_sim/stats`` counts by account (``accounts``, named by ``key_fingerprint``).
+    ``public_url`` is the base of the
     output, fetch and future links (else the request's host URL).
     """
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep ModelsLab's field order
-    app.extensions[EXTENSION_KEY] = Simulator(knobs, api_key=api_key, public_url=public_url)
+    app.extensions[EXTENSION_KEY] = Simulator(knobs, api_keys=api_keys, public_url=public_url)
     app.register_blueprint(modelslab)
     app.register_blueprint(control)
     app.register_error_handler(HTTPException, _http_error)

@@ -25,7 +25,12 @@ _DEFAULTS = SimulatorKnobs()
 @click.command("simulate")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8010, show_default=True, help="Port to listen on (0: any free).")
-@click.option("--api-key", default=None, help="Require this key (any key is accepted if unset).")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="Require this key; repeat for several accounts (any key is accepted if unset).",
+)
 @click.option(
     "--public-url", default=None, help="Base URL of output and fetch links (default: request host)."
 )
@@ -55,13 +60,13 @@ _DEFAULTS = SimulatorKnobs()
     "--max-queued",
     default=_DEFAULTS.max_queued,
     show_default=True,
-    help="ModelsLab's queued-request cap: 429 while N jobs process (0: off).",
+    help="ModelsLab's queued-request cap: 429 while N jobs of one key process (0: off).",
 )
 @click.option(
     "--held-slots",
     default=_DEFAULTS.held_slots,
     show_default=True,
-    help="Slots of the cap held by another program sharing the account.",
+    help="Slots of each key's cap held by another program sharing the account.",
 )
 @click.option("--server-error-next", default=0, show_default=True, help="Next N submits get 500.")
 @click.option(
@@ -80,7 +85,7 @@ _DEFAULTS = SimulatorKnobs()
 def simulate_command(
     host: str,
     port: int,
-    api_key: str | None,
+    api_keys: tuple[str, ...],
     public_url: str | None,
     delay: float,
     eta: int,
@@ -127,7 +132,7 @@ def simulate_command(
         raise click.UsageError(describe_validation_error(exc)) from exc
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    app = create_simulator_app(knobs, api_key=api_key, public_url=public_url)
+    app = create_simulator_app(knobs, api_keys=api_keys, public_url=public_url)
     server = make_server(host, port, app, threaded=True)
     url = f"http://{host}:{server.server_port}"
     click.echo(f"ModelsLab simulator listening on {url} (POST {url}/api/v6/video/img2video)")

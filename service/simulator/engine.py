@@ -15,8 +15,8 @@ import os
 import random
 import threading
 import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections import Counter, OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -45,6 +45,14 @@ MAX_JOBS = 10_000
 RENDER_CACHE_SIZE = 32
 PROCESSING_MESSAGE = "Try to fetch request after given estimated time"
 RATE_LIMIT_MESSAGE = "Rate limit exceeded. Maximum 5 queued requests allowed."
+NO_KEY = "none"
+
+
+def key_fingerprint(key: object) -> str:
+    """Name the account a request's ``key`` speaks for, without showing the key."""
+    if not isinstance(key, str) or not key:
+        return NO_KEY
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 class Reply(NamedTuple):
@@ -92,6 +100,8 @@ class Job:
     failure: str | None = None
     generation_time: float | None = None
     output_requests: int = 0
+    # The account (key_fingerprint of its key) whose queued-request cap the job takes.
+    account: str = NO_KEY
 
     @property
     def output_url(self) -> str:
@@ -163,23 +173,42 @@ def callback_body(job: Job) -> dict[str, Any]:
     }
 
 
+def _by_operation() -> dict[str, Counter[str]]:
+    return {"submit": Counter(), "fetch": Counter()}
+
+
 @dataclass
-class _Stats:
+class _Account:
+    """What one account (one key) asked for and holds: ModelsLab's cap is per account."""
+
     submits: int = 0
     fetches: int = 0
+    # Generations submitted and not finished, now and at the most (ModelsLab's "queued").
+    outstanding: int = 0
+    max_outstanding: int = 0
+    http_statuses: dict[str, Counter[str]] = field(default_factory=_by_operation)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "submits": self.submits,
+            "fetches": self.fetches,
+            "outstanding": self.outstanding,
+            "max_outstanding": self.max_outstanding,
+            "http_statuses": {kind: dict(counts) for kind, counts in self.http_statuses.items()},
+        }
+
+
+@dataclass
+class _Stats(_Account):
+    """The same counts over every account, and what is not per account."""
+
     callbacks_sent: int = 0
     callbacks_failed: int = 0
     output_downloads: int = 0
     output_404s: int = 0
-    # Generations submitted and not finished, now and at the most (ModelsLab's "queued").
-    outstanding: int = 0
-    max_outstanding: int = 0
-    answered: dict[str, Counter[str]] = field(
-        default_factory=lambda: {"submit": Counter(), "fetch": Counter()}
-    )
-    http_statuses: dict[str, Counter[str]] = field(
-        default_factory=lambda: {"submit": Counter(), "fetch": Counter()}
-    )
+    answered: dict[str, Counter[str]] = field(default_factory=_by_operation)
+    # By key_fingerprint of the key each request carried.
+    accounts: defaultdict[str, _Account] = field(default_factory=lambda: defaultdict(_Account))
     recent_callbacks: deque[dict[str, Any]] = field(
         default_factory=lambda: deque(maxlen=RECENT_CALLBACKS)
     )
@@ -192,11 +221,11 @@ class Simulator:
         self,
         knobs: SimulatorKnobs | None = None,
         *,
-        api_key: str | None = None,
+        api_keys: Iterable[str] = (),
         public_url: str | None = None,
         session: requests.Session | None = None,
     ) -> None:
-        self.api_key = api_key
+        self.api_keys = tuple(api_keys)
         self.public_url = public_url.rstrip("/") if public_url else None
         self._initial_knobs = dataclasses.replace(knobs) if knobs else SimulatorKnobs()
         self._knobs = dataclasses.replace(self._initial_knobs)
@@ -229,18 +258,13 @@ class Simulator:
         with self._lock:
             stats = self._stats
             return {
-                "submits": stats.submits,
-                "fetches": stats.fetches,
+                **stats.as_dict(),
                 "callbacks_sent": stats.callbacks_sent,
                 "callbacks_failed": stats.callbacks_failed,
                 "output_downloads": stats.output_downloads,
                 "output_404s": stats.output_404s,
-                "outstanding": stats.outstanding,
-                "max_outstanding": stats.max_outstanding,
                 "answered": {kind: dict(counts) for kind, counts in stats.answered.items()},
-                "http_statuses": {
-                    kind: dict(counts) for kind, counts in stats.http_statuses.items()
-                },
+                "accounts": {name: account.as_dict() for name, account in stats.accounts.items()},
                 "jobs": dict(Counter(job.status for job in self._jobs.values())),
                 "recent_callbacks": list(stats.recent_callbacks),
             }
@@ -283,11 +307,12 @@ class Simulator:
 
     def submit(self, body: object, *, base_url: str) -> Reply:
         """Handle ``POST /api/v6/video/img2video`` with the decoded JSON ``body``."""
+        account = _account_of(body)
         try:
-            reply = self._submit(body, base_url)
+            reply = self._submit(body, base_url, account)
         except UpstreamError as exc:
             reply = exc.reply()
-        self._record_answer("submit", reply)
+        self._record_answer("submit", reply, account)
         return reply
 
     def fetch(self, job_id: int, body: object) -> Reply:
@@ -297,7 +322,7 @@ class Simulator:
             reply = self._fetch(job_id)
         except UpstreamError as exc:
             reply = exc.reply()
-        self._record_answer("fetch", reply)
+        self._record_answer("fetch", reply, _account_of(body))
         return reply
 
     def output(self, job_id: int, output_type: str) -> Output | None:
@@ -316,14 +341,14 @@ class Simulator:
 
     # -- submit --------------------------------------------------------------------------
 
-    def _submit(self, body: object, base_url: str) -> Reply:
+    def _submit(self, body: object, base_url: str, account: str) -> Reply:
         params = self._load(body, IMG2VIDEO_REQUEST)
-        self._inject_fault()  # on success, one queued slot is reserved for this submit
+        self._inject_fault(account)  # on success, one queued slot is reserved for this submit
         try:
             image = self._download_image(params["init_image"])
-            job = self._create_job(params, image, base_url)
+            job = self._create_job(params, image, base_url, account)
         except BaseException:
-            self._release_slot()
+            self._release_slot(account)
             raise
         knobs = job.knobs
         logger.info(
@@ -347,11 +372,12 @@ class Simulator:
     def _load(self, body: object, schema: Schema) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise UpstreamError(400, "The request body must be a JSON object")
-        if self.api_key is not None:
+        if self.api_keys:
             key = body.get("key")
-            if not isinstance(key, str) or not hmac.compare_digest(
-                key.encode(), self.api_key.encode()
-            ):
+            given = key.encode() if isinstance(key, str) else b""
+            # Every key compared, so the time taken does not tell which one came close.
+            matches = [hmac.compare_digest(given, known.encode()) for known in self.api_keys]
+            if not any(matches):
                 raise UpstreamError(401, "Invalid API key")
         try:
             params: dict[str, Any] = schema.load(body)
@@ -359,8 +385,9 @@ class Simulator:
             raise UpstreamError(400, describe_validation_error(exc)) from exc
         return params
 
-    def _inject_fault(self) -> None:
+    def _inject_fault(self, account: str) -> None:
         with self._lock:
+            held = self._stats.accounts[account]
             knobs = self._knobs
             if knobs.server_error_next:
                 knobs.server_error_next -= 1
@@ -370,7 +397,7 @@ class Simulator:
                 raise UpstreamError(
                     429, RATE_LIMIT_MESSAGE, retry_after=knobs.rate_limit_retry_after
                 )
-            if knobs.max_queued and self._stats.outstanding + knobs.held_slots >= knobs.max_queued:
+            if knobs.max_queued and held.outstanding + knobs.held_slots >= knobs.max_queued:
                 raise UpstreamError(
                     429,
                     f"Rate limit exceeded. Maximum {knobs.max_queued} queued requests allowed.",
@@ -379,13 +406,14 @@ class Simulator:
             if knobs.error_next:
                 knobs.error_next -= 1
                 raise UpstreamError(200, "Failed to queue the request (simulated upstream error)")
-            stats = self._stats
-            stats.outstanding += 1
-            stats.max_outstanding = max(stats.max_outstanding, stats.outstanding)
+            for counts in (self._stats, held):
+                counts.outstanding += 1
+                counts.max_outstanding = max(counts.max_outstanding, counts.outstanding)
 
-    def _release_slot(self) -> None:
+    def _release_slot(self, account: str) -> None:
         with self._lock:
-            self._stats.outstanding = max(0, self._stats.outstanding - 1)
+            for counts in (self._stats, self._stats.accounts[account]):
+                counts.outstanding = max(0, counts.outstanding - 1)
 
     def _download_image(self, url: str) -> bytes:
         """Fetch ``init_image`` the way ModelsLab does: no redirects, errors as HTTP 200."""
@@ -417,7 +445,9 @@ class Simulator:
             raise UpstreamError(200, f"init_image is not a valid image: {exc}") from exc
         return image
 
-    def _create_job(self, params: dict[str, Any], image: bytes, request_base: str) -> Job:
+    def _create_job(
+        self, params: dict[str, Any], image: bytes, request_base: str, account: str
+    ) -> Job:
         meta = {name: value for name, value in params.items() if name != "key"}
         meta["model_id"] = effective_model_id(params["model_id"])
         if meta["seed"] is None:
@@ -433,6 +463,7 @@ class Simulator:
                 submitted_at=time.monotonic(),
                 cancelled=self._cancel,
                 image=image,
+                account=account,
             )
             self._next_id += 1
             self._jobs[job.id] = job
@@ -515,8 +546,9 @@ class Simulator:
         with self._lock:
             job.status = "failed" if job.failure else "success"
             job.generation_time = round(time.monotonic() - job.submitted_at, 3)
-            if not job.cancelled.is_set():  # a reset has zeroed the count already
-                self._stats.outstanding = max(0, self._stats.outstanding - 1)
+            if not job.cancelled.is_set():  # a reset has zeroed the counts already
+                for counts in (self._stats, self._stats.accounts[job.account]):
+                    counts.outstanding = max(0, counts.outstanding - 1)
 
     def _send_callbacks(self, job: Job) -> None:
         if job.knobs.drop_callback or not job.webhook:
@@ -593,14 +625,19 @@ class Simulator:
             self._threads.add(thread)
         thread.start()
 
-    def _record_answer(self, kind: str, reply: Reply) -> None:
+    def _record_answer(self, kind: str, reply: Reply, account: str) -> None:
         with self._lock:
-            if kind == "submit":
-                self._stats.submits += 1
-            else:
-                self._stats.fetches += 1
+            for counts in (self._stats, self._stats.accounts[account]):
+                if kind == "submit":
+                    counts.submits += 1
+                else:
+                    counts.fetches += 1
+                counts.http_statuses[kind][str(reply.http_status)] += 1
             self._stats.answered[kind][str(reply.body.get("status"))] += 1
-            self._stats.http_statuses[kind][str(reply.http_status)] += 1
+
+
+def _account_of(body: object) -> str:
+    return key_fingerprint(body.get("key") if isinstance(body, dict) else None)
 
 
 def _make_session() -> requests.Session:

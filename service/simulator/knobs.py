@@ -37,9 +37,10 @@ class SimulatorKnobs:
     rate_limit_next: int = 0
     #: The ``retry_after`` of simulated 429 answers, in seconds.
     rate_limit_retry_after: int = 1
-    #: Answer 429 while this many jobs are processing, like ModelsLab's queue limit (0: off).
+    #: Answer 429 while this many jobs of one account (one key) are processing, like
+    #: ModelsLab's queue limit (0: off).
     max_queued: int = 5
-    #: Slots of that limit held by another program sharing the account.
+    #: Slots of that limit held, on every account, by another program sharing it.
     held_slots: int = 0
     #: The next N submits answer HTTP 500.
     server_error_next: int = 0
