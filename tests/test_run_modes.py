@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,20 @@ from sqlalchemy import text
 
 from service import create_app
 from service.demo import start_receiver
-from service.devstack import SAMPLE_IMAGE, Stack
+from service.devstack import SAMPLE_IMAGE, Stack, wait_until
 from service.extension import Services
 from service.migrate import upgrade
 from service.worker import Worker
 from tests.conftest import ENGINES, TOKEN, _make_url, app_config, eventually
+from tests.sinks import Sink
 
 ADMIN = "admin-token-for-tests"
 SMALL_VIDEO = {"width": 128, "height": 128, "num_frames": 8, "prompt": "a slow pan"}
 SERVE_ENV = {"GUNICORN_ACCESS_LOG": "0", "MOTIONHOOK_RATELIMIT": "1000000/minute"}
 DEADLINE = 60.0
+# The drain endpoint's time budget in the budget test, and how far past it the answer may come.
+BUDGET = 1.5
+BUDGET_MARGIN = 1.0
 
 
 @pytest.fixture
@@ -112,7 +117,11 @@ def test_sigterm_during_work_loses_nothing(
 @pytest.fixture(params=ENGINES)
 def admin_app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Flask]:
     url = _make_url(request, request.param, tmp_path)
-    app = create_app(app_config(url, tmp_path, ADMIN_TOKENS=ADMIN, ALLOW_PRIVATE_TARGETS=True))
+    # A short delivery timeout: attempts a drain handed back end soon after it.
+    config = app_config(
+        url, tmp_path, ADMIN_TOKENS=ADMIN, ALLOW_PRIVATE_TARGETS=True, DELIVERY_TIMEOUT=3
+    )
+    app = create_app(config)
     services: Services = app.extensions["motionhook"]
     upgrade(services.db)
     yield app
@@ -157,6 +166,55 @@ def test_drain_endpoint_runs_due_work_and_says_what_it_did(
     assert report["released"] == 0
     _headers, body = received.get(timeout=5)
     assert json.loads(body)["type"] == "test.ping"
+
+
+def test_drain_endpoint_stops_at_its_budget_and_hands_back_what_it_holds(
+    admin_app: Flask,
+) -> None:
+    # Two deliveries are answered at once, two hang: more due work than fits the budget.
+    sink = Sink(lambda number, _request: (204, {}, b"") if number <= 2 else None)
+    services: Services = admin_app.extensions["motionhook"]
+    client = admin_app.test_client()
+    writer = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        created = client.post(
+            "/v1/subscriptions", json={"kind": "webhook", "url": sink.url}, headers=writer
+        )
+        assert created.status_code == 201, created.get_json()
+        for _ in range(4):
+            ping = client.post(f"/v1/subscriptions/{created.get_json()['id']}/test", headers=writer)
+            assert ping.status_code in (200, 202), ping.get_json()
+
+        started = time.monotonic()
+        response = client.post(f"/v1/admin/drain?max_seconds={BUDGET}", headers=as_admin())
+        elapsed = time.monotonic() - started
+
+        assert response.status_code == 200, response.get_json()
+        assert elapsed < BUDGET + BUDGET_MARGIN, f"the drain took {elapsed:.2f} s"
+        report = response.get_json()
+        assert report["budget_exhausted"] is True
+        assert report["ran"]["delivery"] == 2
+        assert report["released"] == 2
+        assert BUDGET <= report["seconds"] < BUDGET + BUDGET_MARGIN
+        with services.db.transaction() as session:
+            rows = session.execute(text("SELECT status, lease_owner FROM deliveries")).all()
+        assert sorted(status for status, _owner in rows) == [
+            "delivered",
+            "delivered",
+            "pending",
+            "pending",
+        ]
+        assert [owner for _status, owner in rows if owner is not None] == []
+    finally:
+        sink.close()
+
+    # The two attempts handed back still end on their threads (at the delivery timeout)
+    # and are recorded: nothing is left running against the database when the test ends.
+    def attempts() -> int:
+        with services.db.transaction() as session:
+            return int(session.execute(text("SELECT count(*) FROM delivery_attempts")).scalar_one())
+
+    wait_until(lambda: attempts() == 4, timeout=DEADLINE, message="the late attempts recorded")
 
 
 def test_drain_endpoint_with_nothing_due_answers_at_once(admin_app: Flask) -> None:
