@@ -145,7 +145,11 @@ class Database:
         if not self.is_sqlite:
             direct = normalize_url(listen_url) if listen_url else None
             self.listen_url = direct or (None if self.pooled else self.url)
+        # SQLite: set after every commit that asked to wake workers (``notify``), as a
+        # NOTIFY would be. ``local_wakeup`` also wakes a waiting worker; ``local_commit``
+        # tells it that new work may be due (not only that an item of its own finished).
         self.local_wakeup = threading.Event()
+        self.local_commit = threading.Event()
         self.outage = Outage()
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
@@ -221,9 +225,13 @@ class Database:
             return  # one wake-up per transaction is enough, and a statement less
         session.info[NOTIFIED] = transaction
         if self.is_sqlite:
-            event.listen(session, "after_commit", lambda _s: self.local_wakeup.set(), once=True)
+            event.listen(session, "after_commit", self._committed, once=True)
         else:
             session.connection().execute(NOTIFY, {"channel": WAKEUP_CHANNEL})
+
+    def _committed(self, _session: Session) -> None:
+        self.local_commit.set()
+        self.local_wakeup.set()
 
     def dispose(self) -> None:
         self.engine.dispose()

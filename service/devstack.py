@@ -238,10 +238,14 @@ class Stack:
         self._wait_ready(process, f"{self.web_url}/readyz", self.web_port)
         return process
 
-    def start_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
-        """``motionhook serve``: web and worker in one process, ready when /readyz says so."""
+    def spawn_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        """Spawn ``motionhook serve`` (web and worker in one process) without waiting."""
         argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
-        process = self.spawn("serve", [*argv, "--port", str(self.web_port)], extra_env)
+        return self.spawn("serve", [*argv, "--port", str(self.web_port)], extra_env)
+
+    def start_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        """``motionhook serve``, started once /readyz says so."""
+        process = self.spawn_serve(extra_env)
         self._wait_ready(process, f"{self.web_url}/readyz", self.web_port)
         return process
 

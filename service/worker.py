@@ -209,9 +209,10 @@ class Worker:
         self.db: Database = services.db
         self.owner = new_owner()
         self.stopping = threading.Event()
-        # On SQLite, commits in this process set the same event (Database.notify).
+        # On SQLite, commits in this process set both events (Database.notify); on
+        # PostgreSQL the LISTEN thread sets them for every NOTIFY.
         self.wake = self.db.local_wakeup
-        self.notified = threading.Event()
+        self.notified = self.db.local_commit if self.db.is_sqlite else threading.Event()
         self.lock = threading.Lock()
         self.lanes = lanes(services, self.owner)
         self.abandoned = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,17 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from service import create_app
+from service.callbacks import callback_url
+from service.db import normalize_url
 from service.demo import start_receiver
 from service.devstack import SAMPLE_IMAGE, Stack, wait_until
 from service.extension import Services
 from service.migrate import upgrade
 from service.worker import Worker
-from tests.conftest import ENGINES, TOKEN, _make_url, app_config, eventually
-from tests.sinks import Sink
+from tests.conftest import (
+    CALLBACK_SECRET,
+    ENGINES,
+    TOKEN,
+    _make_url,
+    app_config,
+    eventually,
+)
+from tests.sinks import Received, Sink
 
 ADMIN = "admin-token-for-tests"
 SMALL_VIDEO = {"width": 128, "height": 128, "num_frames": 8, "prompt": "a slow pan"}
@@ -112,6 +123,92 @@ def test_sigterm_during_work_loses_nothing(
         return jobs <= done
 
     eventually(stack, all_done, "every job completed after the restart", timeout=DEADLINE)
+
+
+def accepts_connections(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` (gunicorn's master
+    binds before its worker has built the app: a request then waits in the backlog)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.e2e
+def test_a_callback_wakes_a_stopped_serve_and_the_notification_goes_out(
+    make_stack: Callable[..., Stack],
+    stack_database_url: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Scale to zero: nothing runs while ModelsLab works; its callback reaches a fresh
+    ``serve`` (as a platform's proxy forwards it to the machine it starts), the webhook
+    goes out, and the process stops again with nothing left behind."""
+    arrived: dict[str, float] = {}
+
+    def record_arrival(_number: int, request: Received) -> tuple[int, dict[str, str], bytes]:
+        arrived.setdefault(json.loads(request.body)["type"], time.monotonic())
+        return 204, {}, b""
+
+    sink = Sink(record_arrival)
+    stack = make_stack(**SERVE_ENV, MOTIONHOOK_CALLBACK_SECRET=CALLBACK_SECRET)
+    stack.migrate()
+    # ModelsLab keeps working while motionhook is stopped; the test sends its callback.
+    stack.start_simulator("--drop-callback", "--delay", "0.2", "--eta", "1")
+    try:
+        warm = stack.start_serve()
+        job_id = submit(stack, sink.url)
+
+        def upstream_result() -> dict[str, Any] | None:
+            job = stack.api().get(f"{stack.web_url}/v1/jobs/{job_id}", timeout=10).json()
+            upstream_id = (job.get("upstream") or {}).get("id")
+            if upstream_id is None:
+                return None
+            answer = requests.post(
+                f"{stack.sim_url}/api/v6/video/fetch/{upstream_id}", json={"key": "k"}, timeout=10
+            ).json()
+            return answer if answer["status"] == "success" else None
+
+        result = eventually(stack, upstream_result, "the generation to finish upstream")
+        warm.signal(signal.SIGTERM)
+        assert warm.popen.wait(30) == 0
+        assert "job.completed" not in arrived
+
+        # Nothing of motionhook runs now. The callback wakes a fresh process.
+        started = time.monotonic()
+        cold = stack.spawn_serve()
+        eventually(stack, lambda: accepts_connections(stack.web_port), "serve to bind its port")
+        sent = time.monotonic()
+        answer = requests.post(
+            callback_url(stack.web_url, CALLBACK_SECRET, job_id),
+            json={**result, "track_id": job_id},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        eventually(stack, lambda: "job.completed" in arrived, "job.completed at the sink")
+        record_property("callback_to_sink_s", round(arrived["job.completed"] - sent, 3))
+        record_property("start_to_sink_s", round(arrived["job.completed"] - started, 3))
+
+        cold.signal(signal.SIGTERM)
+        assert cold.popen.wait(30) == 0
+    finally:
+        sink.close()
+    engine = create_engine(normalize_url(stack_database_url))
+    try:
+        with engine.connect() as conn:
+            status = conn.execute(
+                text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}
+            ).scalar_one()
+            leased = conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL)"
+                    " + (SELECT count(*) FROM deliveries WHERE status != 'delivered')"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert status == "completed"
+    assert leased == 0, "a task still leased or a delivery not delivered"
 
 
 @pytest.fixture(params=ENGINES)
