@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -65,7 +65,11 @@ def database_unavailable(error: BaseException) -> bool:
         error = error.orig if error.orig is not None else error
     if isinstance(error, sqlite3.OperationalError):
         return any(text in str(error).lower() for text in SQLITE_BUSY)
-    return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+    # psycopg is imported with the first PostgreSQL engine: without one, no error is its.
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(
+        error, psycopg.OperationalError | psycopg.InterfaceError
+    )
 
 
 class Outage:

@@ -127,7 +127,8 @@ def wait_until(
         time.sleep(interval)
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 right now."""
     try:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
@@ -275,7 +276,7 @@ class Stack:
                     f"{process.name} exited while starting; see {process.log_path}",
                     process.log()[-4000:],
                 )
-            return listens_on(process.popen.pid, port) and _answers(url)
+            return listens_on(process.popen.pid, port) and answers(url)
 
         try:
             wait_until(ready, timeout=timeout, message=f"{process.name} at {url}")

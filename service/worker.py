@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-import psycopg
 import requests
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -353,6 +352,8 @@ class Worker:
         Its failures count towards the process's outage (one WARNING, shared
         backoff); recovery is the main loop's to declare, once claims work again.
         """
+        import psycopg  # PostgreSQL only: SQLite processes never load it
+
         assert self.db.listen_url is not None, "run starts this thread only with a listen URL"
         conninfo = (
             make_url(self.db.listen_url)
