@@ -15,8 +15,8 @@ not wake this worker on SQLite. Scale out with ``web`` + ``worker`` on PostgreSQ
 
 A cold start is mostly imports and building the app: hundreds of thousands of
 objects that live as long as the process. The garbage collector, run over and over
-while they are made, finds nothing to free and cost a sixth of the start (about
-0.1 s of CPU), so ``motionhook serve`` starts with it off; each process freezes
+while they are made, finds nothing to free and cost about 0.1 s of CPU (15 % of
+the start), so ``motionhook serve`` starts with it off; each process freezes
 what it has built (moved out of the collector's sight, which also keeps the fork's
 pages shared) and turns it on before it does any work.
 """
