@@ -1,7 +1,9 @@
 """Run modes: ``serve`` in one process, ``worker --drain``, the drain endpoint.
 
 ``serve`` runs as a real process over loopback with the simulator and a local
-receiver; the drain endpoint runs in the app with a real local sink.
+receiver (also stopped and started again by a callback, as a platform scaling to
+zero does, and timed from spawn to its first /readyz); the drain endpoint runs in
+the app with a real local sink.
 """
 
 from __future__ import annotations
