@@ -18,8 +18,8 @@ class DrainQuerySchema(Schema):
         allow_nan=False,
         validate=validate.Range(min=0, max=MAX_DRAIN_SECONDS, min_inclusive=False),
         metadata={
-            "description": "Stop claiming work after this long (in-flight work gets the "
-            "shutdown grace, then is handed back)"
+            "description": "Answer within this long: no claims after it, and work still "
+            "in flight then is handed back (its lease freed for the next drain)"
         },
     )
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.config import Settings, instance_path, load_config
-from service.extension import Services
-
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -21,9 +18,12 @@ UPLOAD_OVERHEAD = 64 * 1024
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the web application: config, services, logging, the HTTP API."""
+    # Imported here, not at the top: ``import service.cli`` (every command) stays light.
     from flask import Flask
 
     from service.api import inputs, register_api
+    from service.config import Settings, instance_path, load_config
+    from service.extension import Services
     from service.observability import init_app as init_observability
 
     config = load_config(test_config)

@@ -3,6 +3,7 @@ tokens, discord, submit, listen."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,6 +132,8 @@ def worker(drain: bool, max_seconds: float | None) -> None:
 )
 def serve(host: str, port: int, threads: int, upgrade: bool, gunicorn_config: Path) -> None:
     """Run the web server and the worker in one process (one dyno, container or machine)."""
+    # Until the app is built (service.serve says why): collections there find nothing.
+    gc.disable()
     from service import create_app
     from service.serve import serve as run_serve
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -65,7 +65,11 @@ def database_unavailable(error: BaseException) -> bool:
         error = error.orig if error.orig is not None else error
     if isinstance(error, sqlite3.OperationalError):
         return any(text in str(error).lower() for text in SQLITE_BUSY)
-    return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+    # psycopg is imported with the first PostgreSQL engine: without one, no error is its.
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(
+        error, psycopg.OperationalError | psycopg.InterfaceError
+    )
 
 
 class Outage:
@@ -145,7 +149,11 @@ class Database:
         if not self.is_sqlite:
             direct = normalize_url(listen_url) if listen_url else None
             self.listen_url = direct or (None if self.pooled else self.url)
+        # SQLite: set after every commit that asked to wake workers (``notify``), as a
+        # NOTIFY would be. ``local_wakeup`` also wakes a waiting worker; ``local_commit``
+        # tells it that new work may be due (not only that an item of its own finished).
         self.local_wakeup = threading.Event()
+        self.local_commit = threading.Event()
         self.outage = Outage()
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
@@ -221,9 +229,13 @@ class Database:
             return  # one wake-up per transaction is enough, and a statement less
         session.info[NOTIFIED] = transaction
         if self.is_sqlite:
-            event.listen(session, "after_commit", lambda _s: self.local_wakeup.set(), once=True)
+            event.listen(session, "after_commit", self._committed, once=True)
         else:
             session.connection().execute(NOTIFY, {"channel": WAKEUP_CHANNEL})
+
+    def _committed(self, _session: Session) -> None:
+        self.local_commit.set()
+        self.local_wakeup.set()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -127,7 +127,8 @@ def wait_until(
         time.sleep(interval)
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 200 right now."""
     try:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
@@ -238,10 +239,14 @@ class Stack:
         self._wait_ready(process, f"{self.web_url}/readyz", self.web_port)
         return process
 
-    def start_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
-        """``motionhook serve``: web and worker in one process, ready when /readyz says so."""
+    def spawn_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        """Spawn ``motionhook serve`` (web and worker in one process) without waiting."""
         argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
-        process = self.spawn("serve", [*argv, "--port", str(self.web_port)], extra_env)
+        return self.spawn("serve", [*argv, "--port", str(self.web_port)], extra_env)
+
+    def start_serve(self, extra_env: Mapping[str, str] | None = None) -> Process:
+        """``motionhook serve``, started once /readyz says so."""
+        process = self.spawn_serve(extra_env)
         self._wait_ready(process, f"{self.web_url}/readyz", self.web_port)
         return process
 
@@ -271,7 +276,7 @@ class Stack:
                     f"{process.name} exited while starting; see {process.log_path}",
                     process.log()[-4000:],
                 )
-            return listens_on(process.popen.pid, port) and _answers(url)
+            return listens_on(process.popen.pid, port) and answers(url)
 
         try:
             wait_until(ready, timeout=timeout, message=f"{process.name} at {url}")

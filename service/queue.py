@@ -9,14 +9,14 @@ LOCKED`` so many workers never take the same row; SQLite has one writer.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Insert, Table, Update, bindparam, delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service.db import Database
@@ -26,7 +26,11 @@ PENDING = DeliveryStatus.PENDING
 TASKS = cast(Table, Task.__table__)
 
 
-def _upsert_task(insert: Any) -> Insert:
+@functools.cache
+def _upsert_task(dialect: str) -> Insert:
+    """The task upsert of ``dialect`` (postgresql, sqlite), built once; the dialect's
+    module is imported then, so an SQLite process never loads PostgreSQL's."""
+    insert = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
     upsert = insert(TASKS)
     return cast(
         Insert,
@@ -38,7 +42,6 @@ def _upsert_task(insert: Any) -> Insert:
 
 
 # Built once: these run in every callback and every state change.
-UPSERT_TASK = {"postgresql": _upsert_task(postgresql_insert), "sqlite": _upsert_task(sqlite_insert)}
 DELETE_TASKS = delete(TASKS).where(TASKS.c.job_id == bindparam("job"))
 DELETE_TASKS_EXCEPT = DELETE_TASKS.where(TASKS.c.kind.not_in(bindparam("keep", expanding=True)))
 
@@ -51,7 +54,7 @@ def enqueue_task(session: Session, db: Database, kind: str, job_id: str, due_at:
     """
     now = utcnow()
     session.connection().execute(
-        UPSERT_TASK["sqlite" if db.is_sqlite else "postgresql"],
+        _upsert_task("sqlite" if db.is_sqlite else "postgresql"),
         {"kind": kind, "job_id": job_id, "due_at": due_at, "attempts": 0, "created_at": now},
     )
     _forget_tasks(session, job_id, lambda task: task.kind == kind)

@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import psycopg
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.db import WAKEUP_CHANNEL, Database
@@ -232,6 +231,8 @@ class Hub:
             self.wake.wait(SQLITE_POLL)
 
     def _listen(self) -> None:
+        import psycopg  # PostgreSQL only: SQLite processes never load it
+
         conninfo = self.db.engine.url.set(drivername="postgresql").render_as_string(
             hide_password=False
         )

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-import psycopg
 import requests
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -189,7 +188,8 @@ class Worker:
 
     ``sole_writer`` says every write to an SQLite database comes from this process
     (``motionhook serve``): its commits wake the worker, so it waits for those
-    instead of looking every ``SQLITE_POLL``.
+    instead of looking every ``SQLITE_POLL``. ``shutdown_grace`` is how long work in
+    flight may finish once the worker stops (default ``MOTIONHOOK_SHUTDOWN_GRACE``).
     """
 
     def __init__(
@@ -198,15 +198,20 @@ class Worker:
         *,
         lanes: Callable[[Services, str], list[Lane[Any]]] = job_lanes,
         sole_writer: bool = False,
+        shutdown_grace: float | None = None,
     ) -> None:
         self.services = services
         self.settings = services.settings
+        self.shutdown_grace = (
+            self.settings.shutdown_grace if shutdown_grace is None else shutdown_grace
+        )
         self.db: Database = services.db
         self.owner = new_owner()
         self.stopping = threading.Event()
-        # On SQLite, commits in this process set the same event (Database.notify).
+        # On SQLite, commits in this process set both events (Database.notify); on
+        # PostgreSQL the LISTEN thread sets them for every NOTIFY.
         self.wake = self.db.local_wakeup
-        self.notified = threading.Event()
+        self.notified = self.db.local_commit if self.db.is_sqlite else threading.Event()
         self.lock = threading.Lock()
         self.lanes = lanes(services, self.owner)
         self.abandoned = 0
@@ -347,6 +352,8 @@ class Worker:
         Its failures count towards the process's outage (one WARNING, shared
         backoff); recovery is the main loop's to declare, once claims work again.
         """
+        import psycopg  # PostgreSQL only: SQLite processes never load it
+
         assert self.db.listen_url is not None, "run starts this thread only with a listen URL"
         conninfo = (
             make_url(self.db.listen_url)
@@ -428,7 +435,7 @@ class Worker:
         with self.lock:
             pending = {fut: (lane, item) for lane in self.lanes for fut, item in lane.held.items()}
         cancelled = [pending[fut] for fut in list(pending) if fut.cancel()]
-        deadline = time.monotonic() + self.settings.shutdown_grace
+        deadline = time.monotonic() + self.shutdown_grace
         for fut in pending:
             remaining = deadline - time.monotonic()
             if not fut.cancelled() and remaining > 0:
@@ -463,8 +470,13 @@ class Worker:
 
 
 def drain_due_work(services: Services, *, max_seconds: float | None = None) -> DrainReport:
-    """Run due work until none is due or ``max_seconds`` are up; say what was done."""
-    worker = Worker(services)
+    """Run due work until none is due or ``max_seconds`` are up; say what was done.
+
+    The budget is the caller's (a request's): at its end, work still in flight is
+    handed back at once, without the shutdown grace, and finishes (or not) on its
+    thread; its lease is already free for the next drain or worker.
+    """
+    worker = Worker(services, shutdown_grace=0.0)
     started = time.monotonic()
     worker.run(once=True, deadline=None if max_seconds is None else started + max_seconds)
     return worker.report(started)

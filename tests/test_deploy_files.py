@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from flask import Flask
+from standardwebhooks import Webhook
 from werkzeug.test import Client
 
 from service import metrics
 from service.config import DEFAULTS, SENTRY_KEYS
-from service.devstack import ROOT, Stack, free_port, wait_until
+from service.demo import start_receiver
+from service.devstack import ROOT, SAMPLE_IMAGE, Process, Stack, answers, free_port, wait_until
 from service.extension import Services
 
 DEPLOY = ROOT / "deploy"
@@ -211,12 +214,7 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
     text = (DEPLOY / "compose.yaml").read_text().replace("name: motionhook\n", "", 1)
     copy = DEPLOY / f".compose-check-{tmp_path.name}.yaml"
     copy.write_text(text)
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "MOTIONHOOK_API_TOKENS": "t",
-        "MOTIONHOOK_CALLBACK_SECRET": "c",
-        "MOTIONHOOK_WEBHOOK_SECRET": "whsec_x",
-    }
+    env = {"PATH": "/usr/bin:/bin"}  # nothing exported: compose must start without
     try:
         result = subprocess.run(
             [
@@ -225,8 +223,6 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
                 str(copy),
                 "--profile",
                 "s3",
-                "--profile",
-                "simulator",
                 "config",
                 "--services",
             ],
@@ -247,6 +243,128 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
         "minio",
         "minio-bucket",
     }
+
+
+# Compose's interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}.
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+# Where the containers reach each other, and where the same processes listen here.
+IN_CONTAINERS = {"web": "http://localhost:8000", "simulator": "http://web:8010"}
+INSTANCE_VOLUME = "/var/lib/motionhook"
+
+
+def with_nothing_exported(value: str) -> str:
+    """A compose value as ``docker compose up`` reads it when no variable is exported."""
+
+    def expand(match: re.Match[str]) -> str:
+        name, operator, operand = match.groups()
+        assert operator not in (":?", "?"), f"compose refuses to start without {name}"
+        return operand or ""
+
+    return INTERPOLATION.sub(expand, value)
+
+
+def image_environment() -> dict[str, str]:
+    """The ENV of the Dockerfile's last stage (what every container starts with)."""
+    env: dict[str, str] = {}
+    for keyword, rest in dockerfile():
+        if keyword == "FROM":
+            env = {}
+        elif keyword == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(rest))
+    return env
+
+
+def compose_process(
+    stack: Stack, services: dict[str, Any], name: str, database_url: str
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of compose service ``name``, on loopback here.
+
+    Only addresses change: the database, the instance volume (a folder shared by
+    every process), and the hosts and ports the containers use for each other.
+    """
+    local = {IN_CONTAINERS["web"]: stack.web_url, IN_CONTAINERS["simulator"]: stack.sim_url}
+    env = {**image_environment(), **services[name].get("environment", {})}
+    for key, raw in env.items():
+        value = with_nothing_exported(str(raw)).replace(INSTANCE_VOLUME, str(stack.instance))
+        for remote, here in local.items():
+            value = value.replace(remote, here)
+        env[key] = value
+    env["MOTIONHOOK_DATABASE_URL"] = database_url
+    env["GUNICORN_BIND"] = f"127.0.0.1:{stack.web_port}"
+    env["MOTIONHOOK_WORKER_METRICS_HOST"] = "127.0.0.1"
+    if "MOTIONHOOK_WORKER_METRICS_PORT" in env:
+        env["MOTIONHOOK_WORKER_METRICS_PORT"] = str(free_port())
+    command = [str(part) for part in services[name]["command"]]
+    if command[0] == "motionhook":
+        command = [sys.executable, "-m", "service.cli", *command[1:]]
+    else:
+        command = [sys.executable, "-m", *command]
+    if name == "simulator":
+        command = [*command[: command.index("--host")], "--port", str(stack.sim_port)]
+    return command, env
+
+
+@pytest.mark.e2e
+def test_compose_runs_with_nothing_exported_on_secrets_made_once(
+    tmp_path: Path, stack_database_url: str
+) -> None:
+    """The compose services' own commands, run outside containers with no variable
+    exported: release generates the secrets in the instance volume, and web, worker
+    and simulator complete a job with them (a callback verified, a webhook signed)."""
+    (compose,) = load_all(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    for name in ("release", "web", "worker"):
+        assert f"instance:{INSTANCE_VOLUME}" in services[name]["volumes"], name
+    stack = Stack(tmp_path / "instance")
+    stack.env = {k: v for k, v in stack.env.items() if not k.startswith("MOTIONHOOK_")}
+
+    def spawn(name: str) -> Process:
+        argv, env = compose_process(stack, services, name, stack_database_url)
+        return stack.spawn(name, argv, env)
+
+    server, received = start_receiver()
+    try:
+        release = spawn("release")
+        assert release.popen.wait(120) == 0, release.log()
+        secrets = {
+            name: (stack.instance / name).read_text()
+            for name in ("api_token", "callback_secret", "webhook_secret")
+        }
+        for name in secrets:
+            assert (stack.instance / name).stat().st_mode & 0o777 == 0o600, name
+        simulator = spawn("simulator")
+        wait_until(lambda: answers(f"{stack.sim_url}/_sim/knobs"), timeout=60, message="simulator")
+        web = spawn("web")
+        wait_until(lambda: answers(f"{stack.web_url}/readyz"), timeout=60, message="web")
+        spawn("worker")
+        assert simulator.popen.poll() is None and web.popen.poll() is None
+
+        with SAMPLE_IMAGE.open("rb") as image:
+            submitted = requests.post(
+                f"{stack.web_url}/v1/jobs",
+                headers={"Authorization": f"Bearer {secrets['api_token'].strip()}"},
+                data={
+                    "prompt": "a slow pan",
+                    "width": 128,
+                    "height": 128,
+                    "num_frames": 8,
+                    "webhook_url": f"http://127.0.0.1:{server.server_port}/hook",
+                },
+                files={"image": image},
+                timeout=10,
+            )
+        assert submitted.status_code == 202, submitted.text
+        verifier = Webhook(secrets["webhook_secret"].strip())
+        while True:
+            headers, body = received.get(timeout=60)
+            event = verifier.verify(body, headers)
+            if event["type"] == "job.completed":
+                break
+        assert event["data"]["id"] == submitted.json()["id"]
+        assert all((stack.instance / name).read_text() == value for name, value in secrets.items())
+    finally:
+        stack.stop()
+        server.shutdown()
 
 
 # -- Render ----------------------------------------------------------------------------
