@@ -138,20 +138,20 @@ def submit(stack: Stack, api: requests.Session, **form: Any) -> str:
 def test_clients_on_different_gunicorn_workers_receive_the_same_events_in_order(
     make_stack: Callable[..., Stack],
 ) -> None:
-    # One stream per worker process: a probe that lands on the worker already serving
-    # one is refused (503) and tried again, until one lands on the other worker (gevent
-    # would otherwise let one worker accept every stream). A 1 s heartbeat lets a worker
-    # notice a closed probe and free its slot.
-    stack = make_stack(MOTIONHOOK_STREAM_HEARTBEAT="1", MOTIONHOOK_STREAMS_MAX="1")
+    # Each gevent worker takes one connection at a time (GUNICORN_WORKER_CONNECTIONS=1)
+    # and stops accepting while it holds one: the second stream must land on another
+    # worker than the first, whichever the kernel would pick. Four workers leave two for
+    # the API and the simulator's callbacks.
+    stack = make_stack(MOTIONHOOK_STREAM_HEARTBEAT="1")
     stack.migrate()
     stack.start_simulator()
-    web = stack.start_web({"WEB_CONCURRENCY": "2"})
+    web = stack.start_web({"WEB_CONCURRENCY": "4", "GUNICORN_WORKER_CONNECTIONS": "1"})
     stack.start_worker()
     api = stack.api()
     url = f"{stack.web_url}/v1/events/stream"
     listeners: dict[int, Listener] = {}
-    for _ in range(20):  # the kernel picks the accepting worker: try until both serve one
-        listener = eventually(stack, lambda: _listen_or_none(api, url), "a free stream slot")
+    for _ in range(2):
+        listener = Listener(api, url)
         pid = eventually(
             stack,
             lambda listener=listener: serving_pid(
@@ -159,13 +159,8 @@ def test_clients_on_different_gunicorn_workers_receive_the_same_events_in_order(
             ),
             "the serving worker",
         )
-        if pid in listeners:
-            listener.close()
-        else:
-            listeners[pid] = listener
-        if len(listeners) == 2:
-            break
-    assert len(listeners) == 2, "every stream landed on one worker"
+        listeners[pid] = listener
+    assert len(listeners) == 2, "both streams landed on one worker"
     job_id = submit(stack, api)
     pings = ping(stack, api, subscription(stack, api), 5)
     first, second = listeners.values()
@@ -221,13 +216,6 @@ def test_streams_past_the_bound_answer_503(make_stack: Callable[..., Stack]) -> 
     assert api.get(f"{stack.web_url}/v1/jobs", timeout=10).status_code == 200
     first.close()
     eventually(stack, lambda: _opens(api, url), "a free stream slot after the first closed")
-
-
-def _listen_or_none(api: requests.Session, url: str) -> Listener | None:
-    try:
-        return Listener(api, url)
-    except StreamsBusy:  # the worker still counts a probe that was just closed
-        return None
 
 
 def _opens(api: requests.Session, url: str) -> bool:
