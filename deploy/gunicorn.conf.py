@@ -10,6 +10,7 @@ best), or this file creates a private one and removes it at exit.
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +32,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY", min(4, multiprocessing.cpu_count
 # 800 (README "Security"; tests/test_e2e_slow_clients.py). Reading a request's
 # headers is bounded by ``keepalive`` seconds; a body is read as the app asks for it.
 # requests cooperates with gevent once gunicorn has patched the standard library in
-# each worker; psycopg does once post_worker_init has re-chosen its wait function.
+# each worker, and psycopg with a cooperative wait function (see post_worker_init).
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
 # Open connections per worker (gevent), slow ones and event streams included; beyond
 # it a worker stops accepting until one closes.
@@ -102,19 +103,19 @@ def on_starting(server):
 def post_worker_init(worker):
     """Make database waits cooperative; on SIGTERM, end event streams first.
 
-    psycopg picks its wait function when it is first imported, and this file's
-    logging setup imports it in the master, before gevent patches the worker: its
-    C wait would then block every greenlet of the worker while one query runs.
-    ``wait_select`` calls ``select.select``, which gevent has made cooperative.
+    psycopg picks its wait function when it is first imported. Imported after gevent
+    has patched this worker, it picks a cooperative one by itself; imported earlier
+    (in the master, before the fork), its C wait would block every greenlet of the
+    worker while one query runs, so it is switched to ``wait_select``, which calls
+    the patched ``select.select``. A worker without PostgreSQL never loads psycopg.
     Event streams would hold the worker for graceful_timeout on SIGTERM.
     """
     import signal
 
-    from psycopg import waiting
-
     from service.streams import stop_streams
 
-    if worker.cfg.worker_class_str == "gevent":
+    waiting = sys.modules.get("psycopg.waiting")
+    if waiting is not None and worker.cfg.worker_class_str == "gevent":
         waiting.wait = waiting.wait_select
 
     previous = signal.getsignal(signal.SIGTERM)
