@@ -5,6 +5,10 @@ worker's SSRF-guarded session, records the attempt, and then settles the
 delivery: delivered, retried later (schedule with jitter, ``Retry-After``
 honoured), failed, or failed permanently (which disables the subscription).
 
+Deliveries to one broker destination are claimed and sent as a batch (one
+pipelined publish, see :mod:`service.notifiers.brokers`); every other delivery is
+sent on its own.
+
 What an attempt does to the rows is decided in two pure functions, one for the
 delivery (:func:`settled_columns`) and one for its subscription
 (:func:`subscription_changes`); :class:`Deliverer` only batches the writes.
@@ -22,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import requests
-from sqlalchemy import Table, Update, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, Update, bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -39,7 +43,7 @@ from service.models import (
     utcnow,
 )
 from service.notifiers import render_message
-from service.notifiers.brokers import BROKER_KINDS, BrokerPool
+from service.notifiers.brokers import BROKER_KINDS, BrokerPool, outgoing
 from service.notifiers.policy import AttemptResult, send
 from service.notifiers.webhook import serialize
 from service.queue import ClaimedDelivery, claim_deliveries
@@ -51,6 +55,8 @@ log = logging.getLogger("motionhook.delivery")
 SLACK_PACE = 1.0
 # Settling stops retrying through a database outage this long before the lease ends.
 LEASE_MARGIN = 2.0
+# At most this many deliveries to one broker destination are published together.
+PUBLISH_BATCH = 32
 
 
 def active_secrets(sub: Subscription | _Target | Project, now: datetime) -> list[str]:
@@ -75,6 +81,27 @@ class Prepared:
     leased_until: float
     # The webhook body, serialized once per event for all its subscriptions.
     serialized: str | None = None
+
+
+# What a delivery thread sends in one go: one delivery, or several to one broker destination.
+Batch = tuple[Prepared, ...]
+
+
+def batches(ready: list[Prepared], size: int = PUBLISH_BATCH) -> list[Batch]:
+    """Group deliveries to the same broker destination, ``size`` at most; others stay alone."""
+    alone: list[Batch] = []
+    groups: dict[tuple[str, str], list[Prepared]] = {}
+    for prepared in ready:
+        if prepared.kind not in BROKER_KINDS:
+            alone.append((prepared,))
+            continue
+        groups.setdefault((prepared.kind, prepared.url), []).append(prepared)
+    grouped = [
+        tuple(group[start : start + size])
+        for group in groups.values()
+        for start in range(0, len(group), size)
+    ]
+    return alone + grouped
 
 
 @dataclass
@@ -122,16 +149,18 @@ LOCK_TARGETS = (
     .order_by(SUBSCRIPTIONS.c.id)
     .with_for_update(key_share=True)
 )
+# What counting an attempt returns: the new count, and what settling reads of the row.
+COUNTED = (
+    DELIVERIES.c.id,
+    DELIVERIES.c.attempt_count,
+    DELIVERIES.c.subscription_id,
+    DELIVERIES.c.job_id,
+)
 COUNT_ATTEMPT = (
     update(DELIVERIES)
     .where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
     .values(attempt_count=DELIVERIES.c.attempt_count + 1)
-    .returning(
-        DELIVERIES.c.id,
-        DELIVERIES.c.attempt_count,
-        DELIVERIES.c.subscription_id,
-        DELIVERIES.c.job_id,
-    )
+    .returning(*COUNTED)
 )
 INSERT_ATTEMPTS = insert(ATTEMPTS)
 CLEAR_FAILING = (
@@ -155,6 +184,19 @@ def _failed(reason: str, now: datetime) -> dict[str, Any]:
     }
 
 
+def delivered_columns(result: AttemptResult, now: datetime) -> dict[str, Any]:
+    """The columns of a delivery that succeeded (whichever attempt it was)."""
+    return {
+        "last_status_code": result.status,
+        "status": DeliveryStatus.DELIVERED,
+        "delivered_at": now,
+        "due_at": None,
+        "lease_owner": None,
+        "last_error": None,
+        "updated_at": now,
+    }
+
+
 def settled_columns(
     result: AttemptResult,
     *,
@@ -167,14 +209,7 @@ def settled_columns(
     outcome = result.outcome
     columns: dict[str, Any] = {"last_status_code": result.status}
     if outcome.result == "delivered":
-        return columns | {
-            "status": DeliveryStatus.DELIVERED,
-            "delivered_at": now,
-            "due_at": None,
-            "lease_owner": None,
-            "last_error": None,
-            "updated_at": now,
-        }
+        return delivered_columns(result, now)
     if outcome.result == "retry":
         delay = schedule.delay(attempts, retry_after=outcome.retry_after, rng=rng)
         if delay is not None:
@@ -219,12 +254,34 @@ def subscription_changes(
 
 
 @functools.lru_cache(maxsize=16)
-def _settle_statement(names: tuple[str, ...]) -> Update:
-    """``UPDATE deliveries SET <names> WHERE id IN :ids``, built once per shape of outcome."""
-    return (
-        update(DELIVERIES)
-        .where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
-        .values({name: bindparam(f"new_{name}", type_=DELIVERIES.c[name].type) for name in names})
+def _settle_statement(names: tuple[str, ...], *, counting: bool) -> Update:
+    """``UPDATE deliveries SET <names> WHERE id IN :ids``, built once per shape of outcome.
+
+    ``counting``: also count the attempt, and return the :data:`COUNTED` columns.
+    """
+    values: dict[str, Any] = {
+        name: bindparam(f"new_{name}", type_=DELIVERIES.c[name].type) for name in names
+    }
+    statement = update(DELIVERIES).where(DELIVERIES.c.id.in_(bindparam("ids", expanding=True)))
+    if not counting:
+        return statement.values(values)
+    return statement.values(values | {"attempt_count": DELIVERIES.c.attempt_count + 1}).returning(
+        *COUNT_ATTEMPT.exported_columns
+    )
+
+
+Shape = tuple[tuple[str, Any], ...]
+
+
+def _shape(columns: dict[str, Any]) -> Shape:
+    return tuple(sorted(columns.items()))
+
+
+def _set(connection: Connection, shape: Shape, ids: list[str], *, counting: bool) -> Any:
+    """Write ``shape`` to the deliveries ``ids`` in one statement."""
+    statement = _settle_statement(tuple(name for name, _value in shape), counting=counting)
+    return connection.execute(
+        statement, {"ids": ids, **{f"new_{name}": value for name, value in shape}}
     )
 
 
@@ -273,8 +330,8 @@ class Deliverer:
         self._queue: list[_Settlement] = []
         self._writing = False
 
-    def claim(self, limit: int) -> list[Prepared]:
-        """Lease up to ``limit`` due deliveries and prepare the sendable ones.
+    def claim(self, limit: int) -> list[Batch]:
+        """Lease up to ``limit`` due deliveries and prepare the sendable ones, in batches.
 
         Deliveries whose subscription is gone or disabled fail here, and paced ones
         (Slack 1/s, Discord's rate limit) are put back until their slot, as one send
@@ -293,37 +350,38 @@ class Deliverer:
             )
             if not claimed:
                 return []
-            return self._prepare_batch(session, claimed, now, leased_until)
+            return batches(self._prepare_batch(session, claimed, now, leased_until))
 
-    def deliver(self, prepared: Prepared) -> None:
-        """Make one attempt at a claimed delivery and settle it."""
-        if prepared.kind in CHAT_REPLY_KINDS:
-            result = send_reply(self.services, self.http, prepared.envelope, now=datetime.now(UTC))
-        elif prepared.kind in BROKER_KINDS:
-            result = self.brokers.send(
-                prepared.kind,
-                prepared.url,
-                prepared.envelope,
-                secrets=prepared.secrets,
-                serialized=prepared.serialized,
-            )
+    def deliver(self, batch: Batch) -> None:
+        """Make one attempt at each delivery of a claimed batch and settle them."""
+        first = batch[0]
+        if first.kind in BROKER_KINDS:
+            messages = [outgoing(p.envelope, p.secrets, p.serialized) for p in batch]
+            results = self.brokers.publish(first.kind, first.url, messages)
         else:
-            message = render_message(
-                prepared.kind,
-                prepared.envelope,
-                secrets=prepared.secrets,
-                serialized=prepared.serialized,
-            )
-            result = send(
-                self.http,
-                prepared.url,
-                message,
-                kind=prepared.kind,
-                timeout=self.settings.delivery_timeout,
-                now=lambda: datetime.now(UTC),
-            )
-        record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
-        self._settle(prepared, result)
+            results = [self._send(prepared) for prepared in batch]
+        for prepared, result in zip(batch, results, strict=True):
+            record_delivery(prepared.kind, result.outcome.result, result.latency_ms / 1000)
+        self._settle(list(zip(batch, results, strict=True)))
+
+    def _send(self, prepared: Prepared) -> AttemptResult:
+        """One attempt at a delivery over HTTP (a webhook, Slack, Discord, a chat reply)."""
+        if prepared.kind in CHAT_REPLY_KINDS:
+            return send_reply(self.services, self.http, prepared.envelope, now=datetime.now(UTC))
+        message = render_message(
+            prepared.kind,
+            prepared.envelope,
+            secrets=prepared.secrets,
+            serialized=prepared.serialized,
+        )
+        return send(
+            self.http,
+            prepared.url,
+            message,
+            kind=prepared.kind,
+            timeout=self.settings.delivery_timeout,
+            now=lambda: datetime.now(UTC),
+        )
 
     def close(self) -> None:
         """Close the broker connections (the worker is stopping)."""
@@ -407,15 +465,15 @@ class Deliverer:
     def _update(session: Session, table: Table, row_id: str, values: dict[str, Any]) -> None:
         session.connection().execute(update(table).where(table.c.id == row_id).values(**values))
 
-    def _settle(self, prepared: Prepared, result: AttemptResult) -> None:
-        """Record the attempt and its outcome; return once that is committed (group commit).
+    def _settle(self, attempts: list[tuple[Prepared, AttemptResult]]) -> None:
+        """Record the attempts and their outcomes; return once that is committed (group commit).
 
         The first thread to find no writer becomes it and writes batches until the
-        queue is empty; the others wait only for their own attempt to be committed.
+        queue is empty; the others wait only for their own attempts to be committed.
         """
-        mine = _Settlement(prepared, result)
+        mine = [_Settlement(prepared, result) for prepared, result in attempts]
         with self._settling:
-            self._queue.append(mine)
+            self._queue.extend(mine)
             committed = self._queue_committed  # set once the batch holding ``mine`` is
             lead = not self._writing
             self._writing = True
@@ -435,14 +493,16 @@ class Deliverer:
                 item.error = item.error or failure
             done.set()
         committed.wait()
-        if mine.error is not None:
-            raise mine.error
-        if mine.found is not None:
-            # Successes at DEBUG: every attempt is in the database (GET /v1/deliveries/{id})
-            # and a line per success costs the worker a fifth of its CPU at full speed.
-            level = logging.DEBUG if _plain_success(mine.result) else logging.INFO
-            if log.isEnabledFor(level):
-                log.log(level, "delivery attempt", extra=_attempt_log(mine))
+        for item in mine:
+            if item.error is not None:
+                raise item.error
+        for item in mine:
+            if item.found is not None:
+                # Successes at DEBUG: every attempt is in the database (GET /v1/deliveries/{id})
+                # and a line per success costs the worker a fifth of its CPU at full speed.
+                level = logging.DEBUG if _plain_success(item.result) else logging.INFO
+                if log.isEnabledFor(level):
+                    log.log(level, "delivery attempt", extra=_attempt_log(item))
 
     def _write(self, batch: list[_Settlement]) -> None:
         """Settle a batch in one transaction, or each on its own if the batch fails.
@@ -472,32 +532,46 @@ class Deliverer:
         """Count, record and apply every attempt of ``batch`` (in the caller's transaction)."""
         now = utcnow()
         connection = session.connection()
-        counted = {
+        # Deliveries that end with the same columns are written by one statement: a batch
+        # of plain successes is one UPDATE, whatever its size, which counts the attempts
+        # too (a success's columns do not depend on the count; a retry's backoff does).
+        succeeded: dict[Shape, list[str]] = {}
+        others: list[str] = []
+        for item in batch:
+            if item.result.outcome.result == "delivered":
+                shape = _shape(delivered_columns(item.result, now))
+                succeeded.setdefault(shape, []).append(item.prepared.delivery_id)
+            else:
+                others.append(item.prepared.delivery_id)
+        rows = {
             row.id: row
-            for row in connection.execute(
-                COUNT_ATTEMPT, {"ids": sorted({item.prepared.delivery_id for item in batch})}
-            )
+            for shape, ids in succeeded.items()
+            for row in _set(connection, shape, sorted(ids), counting=True)
         }
-        settled = [item for item in batch if item.prepared.delivery_id in counted]
-        # Deliveries that end with the same columns are written by one statement:
-        # a batch of plain successes is one UPDATE, whatever its size.
-        groups: dict[tuple[tuple[str, Any], ...], list[str]] = {}
+        if others:
+            counted = {
+                row.id: row for row in connection.execute(COUNT_ATTEMPT, {"ids": sorted(others)})
+            }
+            groups: dict[Shape, list[str]] = {}
+            for item in batch:
+                row = counted.get(item.prepared.delivery_id)
+                if row is not None:
+                    columns = settled_columns(
+                        item.result,
+                        attempts=row.attempt_count,
+                        now=now,
+                        schedule=self.schedule,
+                        rng=self.rng,
+                    )
+                    groups.setdefault(_shape(columns), []).append(row.id)
+            for shape, ids in groups.items():
+                _set(connection, shape, ids, counting=False)
+            rows.update(counted)
+        # A delivery deleted meanwhile (its subscription was) has nothing left to settle.
+        settled = [item for item in batch if item.prepared.delivery_id in rows]
         for item in settled:
-            row = counted[item.prepared.delivery_id]
-            columns = settled_columns(
-                item.result,
-                attempts=row.attempt_count,
-                now=now,
-                schedule=self.schedule,
-                rng=self.rng,
-            )
-            groups.setdefault(tuple(sorted(columns.items())), []).append(row.id)
+            row = rows[item.prepared.delivery_id]
             item.found = (row.subscription_id, row.job_id)
-        for shape, ids in groups.items():
-            statement = _settle_statement(tuple(name for name, _value in shape))
-            connection.execute(
-                statement, {"ids": ids, **{f"new_{name}": value for name, value in shape}}
-            )
         if settled:
             connection.execute(
                 INSERT_ATTEMPTS,

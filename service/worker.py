@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from service.capacity import next_submit_due
 from service.db import CONNECT_TIMEOUT, WAKEUP_CHANNEL, Database, database_unavailable
-from service.delivery import Deliverer, Prepared
+from service.delivery import Batch, Deliverer
 from service.extension import Services
 from service.metrics import HEARTBEAT
 from service.models import utcnow
@@ -63,10 +63,11 @@ IDLE_WAIT = 1.0
 class Lane(Generic[T]):
     """One kind of work: how to claim, run and hand back its items, and how many at once.
 
-    ``claim(n)`` leases up to ``n`` due items in a transaction of its own;
-    ``release(session, items)`` hands leases back (shutdown, or work whose
+    ``claim(n)`` leases up to ``n`` due units of work in a transaction of its own,
+    as items of ``size`` units each (a batch of deliveries to one broker is one
+    item); ``release(session, items)`` hands leases back (shutdown, or work whose
     transaction failed in an outage); ``next_due(session)`` says when the next
-    item comes due. The lane holds at most ``capacity`` items (running or waiting
+    item comes due. The lane holds at most ``capacity`` units (running or waiting
     for one of its ``threads``) and, while some are held, claims only once
     ``batch`` are free: a claim is a transaction, not worth making per item.
     """
@@ -80,6 +81,7 @@ class Lane(Generic[T]):
     threads: int
     capacity: int
     batch: int = 1
+    size: Callable[[T], int] = lambda _item: 1
     # Releases what the lane's work holds open (connections), once the worker stops.
     close: Callable[[], None] = lambda: None
     pool: ThreadPoolExecutor = field(init=False, repr=False)
@@ -88,7 +90,9 @@ class Lane(Generic[T]):
     returned: list[T] = field(init=False, default_factory=list, repr=False)
     # When to look for due items next (time.monotonic()); None: ask the database when.
     check_at: float | None = field(init=False, default=0.0)
-    # Items run to the end (successfully or not) since the worker started.
+    # Units held (the sum of the held items' sizes).
+    units: int = field(init=False, default=0)
+    # Units run to the end (successfully or not) since the worker started.
     done: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -96,7 +100,7 @@ class Lane(Generic[T]):
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.held)
+        return self.capacity - self.units
 
     @property
     def blocked(self) -> bool:
@@ -150,15 +154,16 @@ def job_lanes(services: Services, owner: str) -> list[Lane[Any]]:
         threads=settings.task_threads,
         capacity=settings.task_threads,
     )
-    deliveries: Lane[Prepared] = Lane(
+    deliveries: Lane[Batch] = Lane(
         "delivery",
         claim=deliverer.claim,
         run=deliverer.deliver,
         release=lambda session, items: release_deliveries(
-            session, owner, [p.delivery_id for p in items]
+            session, owner, [p.delivery_id for batch in items for p in batch]
         ),
         next_due=next_delivery_due,
-        context=lambda prepared: {"delivery_id": prepared.delivery_id},
+        context=lambda batch: {"delivery_id": " ".join(p.delivery_id for p in batch)},
+        size=len,
         threads=settings.delivery_threads,
         capacity=settings.delivery_threads * 2,
         batch=max(1, settings.delivery_threads // 2),
@@ -302,7 +307,7 @@ class Worker:
                 return 0
             free = lane.free
         items = lane.claim(free)
-        if len(items) < free:
+        if sum(map(lane.size, items)) < free:
             lane.check_at = None  # drained: ask the database when more comes due
         for item in items:
             self._start(lane, item)
@@ -388,6 +393,7 @@ class Worker:
         with self.lock:
             future = lane.pool.submit(run)
             lane.held[future] = item
+            lane.units += lane.size(item)
         future.add_done_callback(lambda done: self._finished(lane, item, context, done))
 
     def _finished(
@@ -395,8 +401,9 @@ class Worker:
     ) -> None:
         error = None if future.cancelled() else future.exception()
         with self.lock:
-            lane.held.pop(future, None)
-            lane.done += 1
+            if lane.held.pop(future, None) is not None:
+                lane.units -= lane.size(item)
+            lane.done += lane.size(item)
             if error is not None and database_unavailable(error):
                 lane.returned.append(item)
             worth_waking = not lane.blocked
@@ -465,7 +472,7 @@ class Worker:
         # Work still running past the grace period was handed back above; its threads
         # may sit in a network call for a while yet, so run_worker must not wait for them.
         self.abandoned = len(running)
-        self.released = sum(len(items) for items in back.values())
+        self.released = sum(lane.size(item) for lane, items in back.items() for item in items)
         log.info("worker stopped", extra={"released": self.released})
 
 

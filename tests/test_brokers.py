@@ -20,7 +20,8 @@ import redis
 from service.config import Settings, load_config
 from service.devstack import free_port
 from service.notifiers import brokers
-from service.notifiers.brokers import BrokerPool
+from service.notifiers.brokers import BrokerPool, outgoing
+from service.notifiers.policy import AttemptResult
 from service.notifiers.webhook import generate_secret, serialize
 from tests.brokers import (
     AWS_ENV,
@@ -53,6 +54,14 @@ def envelope(number: int = 1, event_type: str = "job.completed") -> dict[str, An
         "created_at": "2026-12-01T12:00:00Z",
         "data": {"id": "job_abc", "status": "completed", "prompt": "ünïcode ✓"},
     }
+
+
+def send(
+    pool: BrokerPool, kind: str, url: str, event: dict[str, Any], *, secrets: list[str]
+) -> AttemptResult:
+    """Publish one event, as a batch of one."""
+    (result,) = pool.publish(kind, url, [outgoing(event, secrets)])
+    return result
 
 
 def make_pool(tmp_path: Path, **config: Any) -> BrokerPool:
@@ -113,7 +122,7 @@ def test_amqp_publish_is_confirmed_persistent_and_signed(
     pool: BrokerPool, amqp_queue: AmqpQueue
 ) -> None:
     event = envelope()
-    result = pool.send("amqp", amqp_queue.url, event, secrets=[SECRET])
+    result = send(pool, "amqp", amqp_queue.url, event, secrets=[SECRET])
 
     assert result.outcome.result == "delivered", result
     assert "confirmed" in result.response_excerpt
@@ -132,9 +141,9 @@ def test_amqp_routing_key_defaults_to_the_event_type_and_can_be_fixed(
     amqp_queue.channel.queue_bind(amqp_queue.queue, amqp_queue.exchange, "job.failed")
     amqp_queue.channel.queue_bind(amqp_queue.queue, amqp_queue.exchange, "fixed")
 
-    failed = pool.send("amqp", amqp_queue.url, envelope(1, "job.failed"), secrets=[SECRET])
-    fixed = pool.send("amqp", amqp_queue.url + "&routing_key=fixed", envelope(2), secrets=[SECRET])
-    unroutable = pool.send("amqp", amqp_queue.url, envelope(3), secrets=[SECRET])
+    failed = send(pool, "amqp", amqp_queue.url, envelope(1, "job.failed"), secrets=[SECRET])
+    fixed = send(pool, "amqp", amqp_queue.url + "&routing_key=fixed", envelope(2), secrets=[SECRET])
+    unroutable = send(pool, "amqp", amqp_queue.url, envelope(3), secrets=[SECRET])
 
     assert (failed.outcome.result, fixed.outcome.result) == ("delivered", "delivered")
     # No queue takes job.completed: the message comes back; the delivery fails, but the
@@ -150,7 +159,7 @@ def test_amqp_concurrent_publishes_share_one_connection_and_are_all_confirmed(
     events = [envelope(number) for number in range(300)]
     with ThreadPoolExecutor(16) as threads:
         results = list(
-            threads.map(lambda e: pool.send("amqp", amqp_queue.url, e, secrets=[SECRET]), events)
+            threads.map(lambda e: send(pool, "amqp", amqp_queue.url, e, secrets=[SECRET]), events)
         )
 
     assert {result.outcome.result for result in results} == {"delivered"}
@@ -162,12 +171,12 @@ def test_amqp_concurrent_publishes_share_one_connection_and_are_all_confirmed(
 def test_amqp_exchange_deleted_after_connecting_is_permanent(
     pool: BrokerPool, amqp_queue: AmqpQueue
 ) -> None:
-    assert pool.send("amqp", amqp_queue.url, envelope(1), secrets=[SECRET]).outcome.result == (
+    assert send(pool, "amqp", amqp_queue.url, envelope(1), secrets=[SECRET]).outcome.result == (
         "delivered"
     )
     amqp_queue.channel.exchange_delete(amqp_queue.exchange)
 
-    gone = pool.send("amqp", amqp_queue.url, envelope(2), secrets=[SECRET])
+    gone = send(pool, "amqp", amqp_queue.url, envelope(2), secrets=[SECRET])
 
     amqp_queue.channel.exchange_declare(amqp_queue.exchange, exchange_type="topic")
     assert gone.outcome.result == "permanent", gone
@@ -176,7 +185,7 @@ def test_amqp_exchange_deleted_after_connecting_is_permanent(
 
 def test_nats_publish_is_acknowledged_by_the_stream(pool: BrokerPool, stream: NatsStream) -> None:
     event = envelope()
-    result = pool.send("nats", stream.url(), event, secrets=[SECRET])
+    result = send(pool, "nats", stream.url(), event, secrets=[SECRET])
 
     assert result.outcome.result == "delivered", result
     assert result.response_excerpt.startswith(f"PubAck: stream {stream.name}, sequence 1")
@@ -189,8 +198,8 @@ def test_nats_retried_publish_is_deduplicated_by_jetstream(
     pool: BrokerPool, stream: NatsStream
 ) -> None:
     event = envelope()
-    first = pool.send("nats", stream.url(), event, secrets=[SECRET])
-    again = pool.send("nats", stream.url(), event, secrets=[SECRET])
+    first = send(pool, "nats", stream.url(), event, secrets=[SECRET])
+    again = send(pool, "nats", stream.url(), event, secrets=[SECRET])
 
     assert (first.outcome.result, again.outcome.result) == ("delivered", "delivered")
     assert "duplicate" in again.response_excerpt
@@ -202,7 +211,7 @@ def test_redis_xadd_trims_approximately_and_records_the_entry_id(pool: BrokerPoo
     url = f"{REDIS}?stream={name}&maxlen=10"
     events = [envelope(number) for number in range(300)]
     try:
-        results = [pool.send("redis", url, event, secrets=[SECRET]) for event in events]
+        results = [send(pool, "redis", url, event, secrets=[SECRET]) for event in events]
         entries = redis_entries(REDIS, name)
     finally:
         redis.Redis.from_url(REDIS).delete(name)
@@ -224,8 +233,8 @@ def test_sqs_standard_and_fifo_queues_get_the_envelope_and_attributes(
     )["QueueUrl"]
     event = envelope()
 
-    results = [aws_pool.send("sqs", url, event, secrets=[SECRET]) for url in (standard, fifo)]
-    retried = aws_pool.send("sqs", fifo, event, secrets=[SECRET])
+    results = [send(aws_pool, "sqs", url, event, secrets=[SECRET]) for url in (standard, fifo)]
+    retried = send(aws_pool, "sqs", fifo, event, secrets=[SECRET])
 
     assert [r.outcome.result for r in results] == ["delivered", "delivered"]
     assert results[0].status == 200
@@ -255,8 +264,8 @@ def test_eventbridge_event_carries_source_detail_type_and_the_envelope(
     )
     event = envelope()
 
-    result = aws_pool.send(
-        "eventbridge", f"eventbridge://{bus}?region=us-east-1", event, secrets=[SECRET]
+    result = send(
+        aws_pool, "eventbridge", f"eventbridge://{bus}?region=us-east-1", event, secrets=[SECRET]
     )
 
     assert result.outcome.result == "delivered", result
@@ -265,6 +274,99 @@ def test_eventbridge_event_carries_source_detail_type_and_the_envelope(
     received = json.loads(body)
     assert (received["source"], received["detail-type"]) == ("motionhook", "job.completed")
     assert received["detail"] == event
+
+
+# -- batches: many deliveries to one destination in one publish ------------------------
+
+
+def batch_of(count: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    events = [envelope(number) for number in range(count)]
+    return events, [outgoing(event, [SECRET]) for event in events]
+
+
+def test_a_redis_batch_is_one_pipeline_with_an_entry_id_for_each(pool: BrokerPool) -> None:
+    name = unique("mh-test-")
+    url = f"{REDIS}?stream={name}"
+    admin = redis.Redis.from_url(REDIS)
+    events, messages = batch_of(50)
+    try:
+        results = pool.publish("redis", url, messages)
+        entries = redis_entries(REDIS, name)
+        (client,) = [c for c in admin.client_list() if c.get("name") == "motionhook"]
+    finally:
+        admin.delete(name)
+        admin.close()
+
+    assert {result.outcome.result for result in results} == {"delivered"}
+    # Each delivery records its own entry id, in the order of the batch.
+    ids = [result.response_excerpt.removeprefix(f"XADD {name}: entry ") for result in results]
+    assert len(set(ids)) == 50
+    assert ids == sorted(ids, key=lambda entry: tuple(map(int, entry.split("-"))))
+    assert len(entries) == 50
+    for event, (headers, body) in zip(events, entries, strict=True):
+        check(event, headers, body)
+    assert client["cmd"] == "xadd"  # one connection for the whole batch
+
+
+def test_a_nats_batch_is_acknowledged_message_by_message(
+    pool: BrokerPool, stream: NatsStream
+) -> None:
+    events, messages = batch_of(40)
+    repeated = [*messages, messages[0]]  # a retried delivery inside the same batch
+
+    results = pool.publish("nats", stream.url(), repeated)
+
+    assert {result.outcome.result for result in results} == {"delivered"}
+    sequences = {result.response_excerpt.split("sequence ")[1] for result in results[:-1]}
+    assert len(sequences) == 40
+    assert "duplicate" in results[-1].response_excerpt
+    received = stream.messages()
+    assert len(received) == 40
+    by_id = {headers["Nats-Msg-Id"]: (headers, body) for headers, body in received}
+    for event in events:
+        check(event, *by_id[event["id"]])
+
+
+def test_an_amqp_batch_is_confirmed_message_by_message(
+    pool: BrokerPool, amqp_queue: AmqpQueue
+) -> None:
+    amqp_queue.channel.queue_unbind(amqp_queue.queue, amqp_queue.exchange, "#")
+    amqp_queue.channel.queue_bind(amqp_queue.queue, amqp_queue.exchange, "job.completed")
+    events, messages = batch_of(30)
+    unroutable = outgoing(envelope(99, "job.failed"), [SECRET])
+
+    results = pool.publish("amqp", amqp_queue.url, [*messages[:15], unroutable, *messages[15:]])
+
+    outcomes = [result.outcome.result for result in results]
+    # The one message no queue takes fails on its own; the rest of the batch is confirmed.
+    assert outcomes == ["delivered"] * 15 + ["failed"] + ["delivered"] * 15
+    ids = [properties.message_id for properties, _body in amqp_queue.messages()]
+    assert sorted(ids) == sorted(event["id"] for event in events)
+
+
+def test_a_batch_whose_kept_connection_died_is_published_again_on_a_new_one(
+    pool: BrokerPool,
+) -> None:
+    name = unique("mh-test-")
+    url = f"{REDIS}?stream={name}"
+    admin = redis.Redis.from_url(REDIS)
+    try:
+        first_events, first = batch_of(10)
+        assert {r.outcome.result for r in pool.publish("redis", url, first)} == {"delivered"}
+        for client in admin.client_list():
+            if client.get("name") == "motionhook":
+                admin.client_kill_filter(_id=client["id"])
+        events, messages = batch_of(10)
+        results = pool.publish("redis", url, messages)
+        entries = redis_entries(REDIS, name)
+    finally:
+        admin.delete(name)
+        admin.close()
+
+    assert {result.outcome.result for result in results} == {"delivered"}, results
+    assert len(entries) == 20  # nothing lost, nothing twice
+    for event, (headers, body) in zip([*first_events, *events], entries, strict=True):
+        check(event, headers, body)
 
 
 # -- connections: one per destination, reused, replaced when it dies --------------------
@@ -284,13 +386,13 @@ def test_one_connection_per_destination_is_reused_and_replaced_after_it_dies(
     try:
         for number in range(20):
             assert (
-                pool.send("redis", url, envelope(number), secrets=[SECRET]).outcome.result
+                send(pool, "redis", url, envelope(number), secrets=[SECRET]).outcome.result
                 == "delivered"
             )
         (connection,) = ours()
         admin.client_kill_filter(_id=connection["id"])
 
-        after = pool.send("redis", url, envelope(99), secrets=[SECRET])
+        after = send(pool, "redis", url, envelope(99), secrets=[SECRET])
         (replacement,) = ours()
     finally:
         admin.delete(name)
@@ -326,15 +428,19 @@ def test_unreachable_brokers_are_retried(pool: BrokerPool) -> None:
         "redis": f"redis://127.0.0.1:{port}/0?stream=x",
     }
     for kind, url in urls.items():
-        result = pool.send(kind, url, envelope(), secrets=[SECRET])
+        result = send(pool, kind, url, envelope(), secrets=[SECRET])
         assert result.outcome.result == "retry", (kind, result)
         assert result.error
 
 
 def test_wrong_amqp_password_is_permanent_and_never_shown(pool: BrokerPool) -> None:
     password = "wrong-" + unique("")
-    result = pool.send(
-        "amqp", f"amqp://guest:{password}@127.0.0.1:5672/?exchange=x", envelope(), secrets=[SECRET]
+    result = send(
+        pool,
+        "amqp",
+        f"amqp://guest:{password}@127.0.0.1:5672/?exchange=x",
+        envelope(),
+        secrets=[SECRET],
     )
 
     assert result.outcome.result == "permanent"
@@ -351,7 +457,7 @@ def test_missing_exchange_stream_and_queue_are_permanent(aws_pool: BrokerPool, m
         "eventbridge": (f"eventbridge://{missing}?region=us-east-1", "does not exist"),
     }
     for kind, (url, words) in cases.items():
-        result = aws_pool.send(kind, url, envelope(), secrets=[SECRET])
+        result = send(aws_pool, kind, url, envelope(), secrets=[SECRET])
         assert result.outcome.result == "permanent", (kind, result)
         assert words in result.outcome.reason, (kind, result.outcome.reason)
 
@@ -361,7 +467,7 @@ def test_redis_key_of_another_type_is_permanent(pool: BrokerPool) -> None:
     admin = redis.Redis.from_url(REDIS)
     admin.set(name, "not a stream")
     try:
-        result = pool.send("redis", f"{REDIS}?stream={name}", envelope(), secrets=[SECRET])
+        result = send(pool, "redis", f"{REDIS}?stream={name}", envelope(), secrets=[SECRET])
     finally:
         admin.delete(name)
         admin.close()
@@ -382,7 +488,7 @@ def test_wrong_redis_and_nats_passwords_are_permanent(
         "nats": f"nats://motion:wrong-password@127.0.0.1:{guarded_nats.port}/s.events",
     }
     for kind, url in urls.items():
-        result = pool.send(kind, url, envelope(), secrets=[SECRET])
+        result = send(pool, kind, url, envelope(), secrets=[SECRET])
         assert result.outcome.result == "permanent", (kind, result)
         assert "authentication failed" in result.outcome.reason
         assert "wrong-password" not in repr(result)
@@ -398,8 +504,8 @@ def test_private_broker_hosts_are_refused_unless_allowed(tmp_path: Path) -> None
         DESTINATION_ALLOWED_HOSTS="broker.internal,127.0.0.1:6379",
     )
     try:
-        refused = guarded.send("redis", url, envelope(), secrets=[SECRET])
-        admitted = allowed.send("redis", url, envelope(), secrets=[SECRET])
+        refused = send(guarded, "redis", url, envelope(), secrets=[SECRET])
+        admitted = send(allowed, "redis", url, envelope(), secrets=[SECRET])
     finally:
         guarded.close()
         allowed.close()
@@ -422,11 +528,11 @@ def publish_until_delivered(
     for number, event in enumerate(events):
         if number == len(events) // 2:
             restart.stop()
-            down = pool.send(kind, url, event, secrets=[SECRET])
+            down = send(pool, kind, url, event, secrets=[SECRET])
             outcomes.append(down.outcome.result)
             restart.start()
         for _attempt in range(20):
-            result = pool.send(kind, url, event, secrets=[SECRET])
+            result = send(pool, kind, url, event, secrets=[SECRET])
             outcomes.append(result.outcome.result)
             if result.outcome.result == "delivered":
                 break

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
+import redis
 from flask.testing import FlaskClient
 from standardwebhooks import Webhook
 
+from service.delivery import PUBLISH_BATCH, Deliverer
 from service.devstack import wait_until
 from service.extension import Services
+from service.outbound import make_session
 from service.worker import Worker
 from tests.sinks import Received, Sink
 
@@ -204,3 +208,39 @@ def test_private_target_refused_at_connect_time(
         thread.join(20)
     assert delivery["status"] == "failed"
     assert target.received == []
+
+
+def test_deliveries_to_one_broker_are_claimed_and_sent_as_batches(
+    client: FlaskClient, auth: dict[str, str], fast: Services, sink: Callable[..., Sink]
+) -> None:
+    stream = f"mh-test-{uuid.uuid4().hex[:8]}"
+    redis_id, _first = subscribe_and_ping(
+        client, auth, "redis", f"redis://127.0.0.1:6379/0?stream={stream}"
+    )
+    webhook_id, _ping = subscribe_and_ping(client, auth, "webhook", sink().url)
+    for _ in range(PUBLISH_BATCH + 9):
+        client.post(f"/v1/subscriptions/{redis_id}/test", headers=auth)
+    client.post(f"/v1/subscriptions/{webhook_id}/test", headers=auth)
+    deliverer = Deliverer(fast, make_session(allow_private=True), "test-owner")
+    try:
+        claimed = deliverer.claim(100)
+        # Webhooks go one by one; the 42 to Redis in batches of at most PUBLISH_BATCH.
+        sizes = sorted((batch[0].kind, len(batch)) for batch in claimed)
+        assert sizes == [("redis", 10), ("redis", PUBLISH_BATCH), ("webhook", 1), ("webhook", 1)]
+        for batch in claimed:
+            deliverer.deliver(batch)
+        entries = redis.Redis().xrange(stream)
+    finally:
+        deliverer.close()
+        redis.Redis().delete(stream)
+
+    assert len(entries) == PUBLISH_BATCH + 10
+    listed = client.get(f"/v1/deliveries?subscription_id={redis_id}", headers=auth).get_json()
+    # Every delivery of a batch is settled on its own: one attempt, its own entry id.
+    excerpts = set()
+    for item in listed["items"]:
+        delivery = client.get(f"/v1/deliveries/{item['id']}", headers=auth).get_json()
+        assert delivery["status"] == "delivered"
+        (attempt,) = delivery["attempts"]
+        excerpts.add(attempt["response_excerpt"])
+    assert len(excerpts) == PUBLISH_BATCH + 10

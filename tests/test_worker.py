@@ -43,6 +43,8 @@ class FakeWork:
     released: list[int] = field(default_factory=list)
     gates: dict[int, threading.Event] = field(default_factory=dict)
     hold: bool = False
+    # Units of work each item stands for (a batch of deliveries is one item).
+    size: int = 1
     claim_errors: int = 0
     run_error: Callable[[int], BaseException | None] = lambda _item: None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -53,7 +55,8 @@ class FakeWork:
             if self.claim_errors:
                 self.claim_errors -= 1
                 raise outage_error()
-            taken, self.items = self.items[:limit], self.items[limit:]
+            count = limit // self.size
+            taken, self.items = self.items[:count], self.items[count:]
             for item in taken:
                 self.gates[item] = threading.Event()
             return taken
@@ -82,6 +85,7 @@ class FakeWork:
             threads=threads,
             capacity=capacity,
             batch=batch,
+            size=lambda _item: self.size,
         )
 
 
@@ -118,6 +122,23 @@ def test_a_lane_claims_what_is_free_then_in_batches(running: Callable[..., Worke
     work.gates[3].set()
     wait_until(lambda: len(work.gates) == 12, timeout=WAIT, message="a batch of four")
     assert 4 in work.limits[1:]
+    for gate in work.gates.values():
+        gate.set()
+
+
+def test_capacity_counts_the_units_of_work_an_item_stands_for(
+    running: Callable[..., Worker],
+) -> None:
+    work = FakeWork(hold=True, size=4)
+    worker = running(work.lane(capacity=8, batch=4))
+
+    wait_until(lambda: len(work.gates) == 2, timeout=WAIT, message="the first claim")
+    # Two items of four units fill a capacity of eight: nothing more is claimed.
+    assert work.limits == [8]
+    work.gates[0].set()
+    wait_until(lambda: len(work.gates) == 3, timeout=WAIT, message="a claim for four units")
+    assert work.limits[1:] == [4]
+    wait_until(lambda: worker.lanes[0].done == 4, timeout=WAIT, message="the finished item counted")
     for gate in work.gates.values():
         gate.set()
 

@@ -9,7 +9,11 @@ attributes. The broker's acknowledgement (publisher confirm, PubAck, entry id,
 :class:`BrokerPool` keeps one :class:`Publisher` per destination URL for the
 worker's lifetime, so one connection (or client) per destination is opened and
 reused; a publisher whose kept connection turns out dead reconnects and publishes
-once more within the same attempt. Each publisher classifies its library's errors
+once more within the same attempt. The worker hands a publisher its deliveries to
+one destination as a batch, and the kinds that can pipeline send the batch at once
+(a Redis pipeline, JetStream publishes and AMQP confirms in flight together): one
+round trip and one wake-up of a delivery thread for many messages, not one each.
+Each publisher classifies its library's errors
 into the delivery policy: connection errors and timeouts are retried on the
 schedule, authentication failures and a missing exchange, stream or queue are
 permanent (the subscription is disabled with the reason).
@@ -37,7 +41,7 @@ from service.notifiers import webhook
 from service.notifiers.policy import AttemptResult, Outcome
 from service.outbound import TargetRefused, resolve_destination
 
-__all__ = ["BROKER_KINDS", "BrokerPool", "Outgoing", "missing_extra"]
+__all__ = ["BROKER_KINDS", "BrokerPool", "Outgoing", "missing_extra", "outgoing"]
 
 log = logging.getLogger("motionhook.brokers")
 
@@ -115,24 +119,36 @@ class Publisher(ABC):
         self._lock = threading.RLock()
         self._connected = False
 
-    def publish(self, message: Outgoing, timeout: float) -> Answer:
-        """Publish once; if a kept connection proves dead, reconnect and publish again."""
+    def publish(self, messages: Sequence[Outgoing], timeout: float) -> list[Answer | Exception]:
+        """Publish a batch: each message's answer, or the error it met.
+
+        If the kept connection proves dead, reconnect and publish the messages it
+        failed once more. Raises only when no connection can be opened at all.
+        """
         self.last_used = time.monotonic()
         fresh = self._ensure(timeout)
-        try:
-            return self._send(message, timeout)
-        except TimeoutError:
-            self.drop()  # the connection's state is unknown: start over next time
-            raise
-        except Exception as exc:
-            if not self.is_stale(exc):
-                raise
-            self.drop()
-            if fresh:
-                raise
+        results = self._checked(self._send_all(messages, timeout))
+        stale = [n for n, result in enumerate(results) if self._is_dead(result)]
+        if fresh or not stale or any(isinstance(r, TimeoutError) for r in results):
+            return results
         log.info("reconnecting to %s", self.destination.origin)
-        self._ensure(timeout)
-        return self._send(message, timeout)
+        try:
+            self._ensure(timeout)
+        except Exception as exc:
+            return [exc if n in stale else result for n, result in enumerate(results)]
+        again = self._checked(self._send_all([messages[n] for n in stale], timeout))
+        for n, result in zip(stale, again, strict=True):
+            results[n] = result
+        return results
+
+    def _is_dead(self, result: Answer | Exception) -> bool:
+        return isinstance(result, Exception) and self.is_stale(result)
+
+    def _checked(self, results: list[Answer | Exception]) -> list[Answer | Exception]:
+        """Forget the connection if a result says it is dead or in an unknown state."""
+        if any(isinstance(r, TimeoutError) or self._is_dead(r) for r in results):
+            self.drop()
+        return results
 
     def _ensure(self, timeout: float) -> bool:
         """Connect if not connected; return whether this call connected."""
@@ -173,8 +189,8 @@ class Publisher(ABC):
         """Close the connection, ignoring errors."""
 
     @abstractmethod
-    def _send(self, message: Outgoing, timeout: float) -> Answer:
-        """Publish ``message`` and wait for the broker's acknowledgement."""
+    def _send_all(self, messages: Sequence[Outgoing], timeout: float) -> list[Answer | Exception]:
+        """Publish ``messages`` and wait for the broker's acknowledgements (or errors)."""
 
     @abstractmethod
     def is_stale(self, error: Exception) -> bool:
@@ -183,6 +199,27 @@ class Publisher(ABC):
     @abstractmethod
     def classify(self, error: Exception) -> Outcome | None:
         """Map a library error to the delivery policy; None for errors it does not know."""
+
+
+class OneByOne(Publisher):
+    """A publisher whose library sends one message per call, each waited for in turn."""
+
+    def _send_all(self, messages: Sequence[Outgoing], timeout: float) -> list[Answer | Exception]:
+        results: list[Answer | Exception] = []
+        for message in messages:
+            try:
+                results.append(self._send(message, timeout))
+            except Exception as exc:
+                results.append(exc)
+                if isinstance(exc, TimeoutError) or self.is_stale(exc):
+                    # The connection is gone or in doubt: the rest would only wait too.
+                    results += [exc] * (len(messages) - len(results))
+                    break
+        return results
+
+    @abstractmethod
+    def _send(self, message: Outgoing, timeout: float) -> Answer:
+        """Publish ``message`` and wait for the broker's acknowledgement."""
 
 
 def _retry_or_none(error: Exception) -> Outcome | None:
@@ -234,23 +271,14 @@ class BrokerPool:
             other.close()
         return created
 
-    def send(
-        self,
-        kind: str,
-        url: str,
-        envelope: Mapping[str, Any],
-        *,
-        secrets: Sequence[str],
-        serialized: str | None = None,
-    ) -> AttemptResult:
-        """Publish one event to one destination and classify the outcome; never raises
-        for errors the kind's library is known to raise (others propagate, to Sentry)."""
+    def publish(self, kind: str, url: str, messages: Sequence[Outgoing]) -> list[AttemptResult]:
+        """Publish a batch to one destination and classify each message's outcome; never
+        raises for errors the kind's library is known to raise (others propagate, to Sentry)."""
         started = time.monotonic()
-        message = outgoing(envelope, secrets, serialized)
         publisher: Publisher | None = None
         try:
             publisher = self.publisher(kind, url)
-            answer = publisher.publish(message, self.settings.delivery_timeout)
+            results = publisher.publish(messages, self.settings.delivery_timeout)
         except ImportError:
             extra = KIND_MODULES[kind][1]
             outcome = Outcome("failed", f"{kind} needs the {extra} extra: motionhook[{extra}]")
@@ -258,24 +286,42 @@ class BrokerPool:
             # A URL stored before validation grew stricter (or TargetRefused).
             outcome = _retry_or_none(exc) or Outcome("failed", f"invalid destination: {exc}")
         except Exception as exc:
-            known = publisher.classify(exc) if publisher is not None else None
-            outcome_or_none = known or _retry_or_none(exc)
-            if outcome_or_none is None:
-                raise
-            outcome = outcome_or_none
+            outcome = self._classify(publisher, exc)
         else:
-            return AttemptResult(
-                status=answer.status,
-                latency_ms=(time.monotonic() - started) * 1000,
-                error=None,
-                response_excerpt=answer.text,
-                outcome=Outcome("delivered", answer.text),
-                pacing=0.0,
-            )
+            latency_ms = (time.monotonic() - started) * 1000
+            return [self._result(publisher, result, latency_ms) for result in results]
+        failed = self._failure(publisher, outcome, (time.monotonic() - started) * 1000)
+        return [failed] * len(messages)
+
+    @staticmethod
+    def _classify(publisher: Publisher | None, error: Exception) -> Outcome:
+        known = publisher.classify(error) if publisher is not None else None
+        outcome = known or _retry_or_none(error)
+        if outcome is None:
+            raise error
+        return outcome
+
+    def _result(
+        self, publisher: Publisher, result: Answer | Exception, latency_ms: float
+    ) -> AttemptResult:
+        if isinstance(result, Exception):
+            return self._failure(publisher, self._classify(publisher, result), latency_ms)
+        return AttemptResult(
+            status=result.status,
+            latency_ms=latency_ms,
+            error=None,
+            response_excerpt=result.text,
+            outcome=Outcome("delivered", result.text),
+            pacing=0.0,
+        )
+
+    def _failure(
+        self, publisher: Publisher | None, outcome: Outcome, latency_ms: float
+    ) -> AttemptResult:
         reason = self._scrub(publisher, outcome.reason)
         return AttemptResult(
             status=None,
-            latency_ms=(time.monotonic() - started) * 1000,
+            latency_ms=latency_ms,
             error=reason,
             response_excerpt="",
             outcome=Outcome(outcome.result, reason, outcome.retry_after),

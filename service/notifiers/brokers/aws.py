@@ -26,7 +26,7 @@ import boto3
 from botocore import exceptions as aws_errors
 from botocore.config import Config
 
-from service.notifiers.brokers import Answer, Outgoing, Publisher
+from service.notifiers.brokers import Answer, OneByOne, Outgoing
 from service.notifiers.policy import Outcome
 
 SOURCE = "motionhook"
@@ -81,7 +81,7 @@ class EntryFailed(Exception):
         self.code = code
 
 
-class _AwsPublisher(Publisher):
+class _AwsPublisher(OneByOne):
     service = ""
     _client: Any = None
 

@@ -2,7 +2,8 @@
 
 nats-py is asyncio-only: each destination's client runs on an event loop in a
 thread of its own, and delivery threads hand it publishes, so concurrent publishes
-share one connection and their acknowledgements arrive pipelined. The client
+share one connection, and a batch of deliveries is published at once: its
+acknowledgements arrive pipelined. The client
 reconnects by itself after the server goes away; a publish meanwhile times out and
 is retried on the schedule, and the stream's duplicate window drops the copy if the
 first one got through after all. No stream capturing the subject, or a refused
@@ -15,13 +16,14 @@ import asyncio
 import contextlib
 import ssl
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import nats
 from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.js import errors as js_errors
+from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
 from service.notifiers.brokers import Answer, Outgoing, Publisher
@@ -114,19 +116,26 @@ class NatsPublisher(Publisher):
         if not self._thread.is_alive():
             self._loop.close()
 
-    def _send(self, message: Outgoing, timeout: float) -> Answer:
-        assert self._jetstream is not None
-        ack = self._run(
-            self._jetstream.publish(
-                self.destination.path,
-                message.body,
-                timeout=timeout,
-                headers={**message.headers, MSG_ID: message.event_id},
-            ),
-            timeout,
-        )
-        duplicate = " (duplicate: already in the stream)" if ack.duplicate else ""
-        return Answer(f"PubAck: stream {ack.stream}, sequence {ack.seq}{duplicate}")
+    def _send_all(self, messages: Sequence[Outgoing], timeout: float) -> list[Answer | Exception]:
+        jetstream = self._jetstream
+        assert jetstream is not None
+        subject = self.destination.path
+
+        async def publish_all() -> list[PubAck | BaseException]:
+            return await asyncio.gather(
+                *(
+                    jetstream.publish(
+                        subject,
+                        message.body,
+                        timeout=timeout,
+                        headers={**message.headers, MSG_ID: message.event_id},
+                    )
+                    for message in messages
+                ),
+                return_exceptions=True,
+            )
+
+        return [_answer(ack) for ack in self._run(publish_all(), timeout)]
 
     def is_stale(self, error: Exception) -> bool:
         return isinstance(error, nats_errors.ConnectionClosedError)
@@ -146,6 +155,15 @@ class NatsPublisher(Publisher):
                 return Outcome("permanent", "authentication failed: the server refused the login")
             return Outcome("retry", f"NATS error ({type(error).__name__})")
         return None
+
+
+def _answer(ack: PubAck | BaseException) -> Answer | Exception:
+    if isinstance(ack, Exception):
+        return ack
+    if isinstance(ack, BaseException):
+        raise ack  # cancelled: the worker is stopping
+    duplicate = " (duplicate: already in the stream)" if ack.duplicate else ""
+    return Answer(f"PubAck: stream {ack.stream}, sequence {ack.seq}{duplicate}")
 
 
 def _refused_login(error: Exception | None) -> bool:

@@ -19,6 +19,8 @@ import contextlib
 import functools
 import ssl
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -148,21 +150,35 @@ class AmqpPublisher(Publisher):
 
     # -- publishing ---------------------------------------------------------------------
 
-    def _send(self, message: Outgoing, timeout: float) -> Answer:
+    def _send_all(self, messages: Sequence[Outgoing], timeout: float) -> list[Answer | Exception]:
         connection = self._connection
         if connection is None or not connection.is_open:
-            raise amqp.ConnectionWrongStateError("the connection is closed")
-        confirmed: Future[None] = Future()
-        routing_key = self.destination.routing_key or message.event_type
-        connection.ioloop.add_callback_threadsafe(
-            functools.partial(self._publish_now, message, routing_key, confirmed)
-        )
-        try:
-            confirmed.result(timeout)
-        except TimeoutError:
-            raise TimeoutError("the broker did not confirm in time") from None
+            return [amqp.ConnectionWrongStateError("the connection is closed")] * len(messages)
+        publishes: list[tuple[Outgoing, str, Future[None]]] = [
+            (message, self.destination.routing_key or message.event_type, Future())
+            for message in messages
+        ]
+        connection.ioloop.add_callback_threadsafe(functools.partial(self._publish_all, publishes))
+        deadline = time.monotonic() + timeout
         exchange = self.destination.exchange
-        return Answer(f"confirmed: exchange {exchange!r}, routing key {routing_key!r}")
+        results: list[Answer | Exception] = []
+        for _message, routing_key, confirmed in publishes:
+            try:
+                confirmed.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                results.append(TimeoutError("the broker did not confirm in time"))
+            except Exception as exc:
+                results.append(exc)
+            else:
+                results.append(
+                    Answer(f"confirmed: exchange {exchange!r}, routing key {routing_key!r}")
+                )
+        return results
+
+    def _publish_all(self, publishes: list[tuple[Outgoing, str, Future[None]]]) -> None:
+        """On the I/O thread: publish a batch, each message waiting for its own confirm."""
+        for message, routing_key, confirmed in publishes:
+            self._publish_now(message, routing_key, confirmed)
 
     def _publish_now(self, message: Outgoing, routing_key: str, confirmed: Future[None]) -> None:
         """On the I/O thread: publish, and remember the future under its delivery tag."""

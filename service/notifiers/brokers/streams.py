@@ -2,8 +2,9 @@
 
 Each entry holds the envelope in ``body`` beside the ``webhook-id``,
 ``webhook-timestamp``, ``webhook-signature`` and ``event-type`` fields; the entry id
-Redis returns is the success. One connection per destination (a single-connection
-client, shared by the delivery threads under redis-py's lock). Redis has no
+Redis returns is the success. One connection per destination (a blocking pool of
+one, shared by the delivery threads); a batch of deliveries is one pipeline, one
+round trip, each entry answered on its own. Redis has no
 server-side de-duplication: a consumer skips entries whose ``webhook-id`` it has
 already processed. A stream is created by its first entry, as ``XADD`` does; a key
 of another type, a refused login or a missing permission is permanent.
@@ -12,6 +13,7 @@ of another type, a refused login or a missing permission is permanent.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -33,20 +35,23 @@ class RedisPublisher(Publisher):
 
     def _open(self, timeout: float) -> None:
         dest = self.destination
-        client = redis.Redis(
+        connection_class = redis.SSLConnection if dest.tls else redis.Connection
+        pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            max_connections=1,
+            timeout=timeout,
+            connection_class=connection_class,
             host=self.address(),
             port=dest.port,
             db=int(dest.path),
             username=dest.username,
             password=dest.password,
-            ssl=dest.tls,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # The delivery policy retries; redis-py's own retries would only add delay.
             retry=Retry(NoBackoff(), 0),
-            single_connection_client=True,
             client_name=CLIENT_NAME,
         )
+        client = redis.Redis(connection_pool=pool)
         try:
             client.ping()  # log in now, so a refused login is told apart from later errors
         except redis_errors.RedisError:
@@ -60,14 +65,18 @@ class RedisPublisher(Publisher):
             with contextlib.suppress(redis_errors.RedisError, OSError):
                 client.close()
 
-    def _send(self, message: Outgoing, timeout: float) -> Answer:
+    def _send_all(self, messages: Sequence[Outgoing], timeout: float) -> list[Answer | Exception]:
         assert self._client is not None
-        fields: dict[Any, Any] = {"body": message.body, **message.headers}
-        entry = self._client.xadd(
-            self.destination.stream, fields, maxlen=self.destination.maxlen, approximate=True
-        )
-        entry_id = entry.decode() if isinstance(entry, bytes) else str(entry)
-        return Answer(f"XADD {self.destination.stream}: entry {entry_id}")
+        stream = self.destination.stream
+        with self._client.pipeline(transaction=False) as pipeline:
+            for message in messages:
+                fields: dict[Any, Any] = {"body": message.body, **message.headers}
+                pipeline.xadd(stream, fields, maxlen=self.destination.maxlen, approximate=True)
+            try:
+                entries = pipeline.execute(raise_on_error=False)
+            except redis_errors.RedisError as exc:
+                return [exc] * len(messages)
+        return [_answer(stream, entry) for entry in entries]
 
     def is_stale(self, error: Exception) -> bool:
         return isinstance(error, redis_errors.ConnectionError) and not isinstance(
@@ -97,3 +106,11 @@ class RedisPublisher(Publisher):
         if isinstance(error, redis_errors.RedisError):
             return Outcome("retry", f"redis error ({type(error).__name__})")
         return None
+
+
+def _answer(stream: str, entry: Any) -> Answer | Exception:
+    """The entry id XADD returned, or the error it met (``raise_on_error=False``)."""
+    if isinstance(entry, Exception):
+        return entry
+    entry_id = entry.decode() if isinstance(entry, bytes) else str(entry)
+    return Answer(f"XADD {stream}: entry {entry_id}")
