@@ -11,8 +11,10 @@ from limits.storage import Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from service.capacity import queue_position
+from service.chat.replies import DISCORD_REPLY
 from service.config import ConfigError, Settings
 from service.downloads import store_upload
+from service.events import add_delivery
 from service.extension import Services
 from service.jobs import create_job
 from service.models import new_id
@@ -146,4 +148,17 @@ def submit_chat_job(
             source=source,
         )
         job.chat_reply = reply
-        return queue_position(session, job)
+        position = queue_position(session, job)
+        if position is not None and reply["kind"] == DISCORD_REPLY:
+            # Discord's deferred answer says "thinking…" until edited: one edit says where
+            # the job waits (Slack's acknowledgement already does).
+            add_delivery(
+                session,
+                None,
+                project_id=project.id,
+                kind=DISCORD_REPLY,
+                subscription_id=None,
+                target_url=None,
+                job_id=job.id,
+            )
+        return position
