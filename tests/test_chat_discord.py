@@ -305,7 +305,7 @@ def animate_chat_job(flask_app: Flask, cdn: LocalServer) -> str:
 def test_animate_waiting_for_a_slot_edits_original_with_its_queue_position(
     make_app: Callable[..., Flask], cdn: LocalServer
 ) -> None:
-    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api")
+    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api", MODELSLAB_MAX_QUEUED=1)
     client = flask_app.test_client()
     [ahead] = jobs_ahead(flask_app, outstanding=1, waiting=1)
     job_id = animate_chat_job(flask_app, cdn)
@@ -340,7 +340,8 @@ def test_animate_waiting_for_a_slot_edits_original_with_its_queue_position(
 def test_queued_edit_after_the_job_started_is_refused_and_edits_nothing(
     make_app: Callable[..., Flask], cdn: LocalServer
 ) -> None:
-    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api")
+    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api", MODELSLAB_MAX_QUEUED=1)
+    jobs_ahead(flask_app, outstanding=1, waiting=0)
     job_id = animate_chat_job(flask_app, cdn)
     leave_queue(flask_app, job_id)
     assert deliver_due(flask_app) == 1
@@ -349,3 +350,17 @@ def test_queued_edit_after_the_job_started_is_refused_and_edits_nothing(
     [listed] = client.get(f"/v1/deliveries?job_id={job_id}", headers=AUTH).get_json()["items"]
     assert listed["status"] == "failed"
     assert listed["last_error"] == "superseded: the job has left the queue"
+
+
+def test_a_job_that_finds_a_free_slot_gets_no_queued_edit(
+    make_app: Callable[..., Flask], cdn: LocalServer
+) -> None:
+    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api", MODELSLAB_MAX_QUEUED=2)
+    jobs_ahead(flask_app, outstanding=1, waiting=0)
+    job_id = animate_chat_job(flask_app, cdn)
+
+    # One slot of two is free: the job is submitted at once, and "generating" follows.
+    client = flask_app.test_client()
+    assert client.get(f"/v1/deliveries?job_id={job_id}", headers=AUTH).get_json()["items"] == []
+    assert deliver_due(flask_app) == 0
+    assert edits(cdn) == []

@@ -10,7 +10,7 @@ from limits import RateLimitItem, parse
 from limits.storage import Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from service.capacity import queue_position
+from service.capacity import finds_no_slot, queue_position
 from service.chat.replies import DISCORD_REPLY
 from service.config import ConfigError, Settings
 from service.downloads import store_upload
@@ -149,9 +149,13 @@ def submit_chat_job(
         )
         job.chat_reply = reply
         position = queue_position(session, job)
-        if position is not None and reply["kind"] == DISCORD_REPLY:
-            # Discord's deferred answer says "thinking…" until edited: one edit says where
-            # the job waits (Slack's acknowledgement already does).
+        if (
+            position is not None
+            and reply["kind"] == DISCORD_REPLY
+            and finds_no_slot(session, project, position, settings.modelslab_max_queued)
+        ):
+            # Discord's deferred answer says "thinking…" until edited: while the job waits
+            # for a slot, one edit says where it is (Slack's acknowledgement already does).
             add_delivery(
                 session,
                 None,
