@@ -216,15 +216,26 @@ class AttemptSchema(Schema):
     )
 
 
+# A delivery without an event: the Discord "queued, position N" edit of a chat job.
+NO_EVENT = (
+    "; null for a chat reply that is no event: the edit of a Discord request that says "
+    "where its job waits for a ModelsLab slot"
+)
+
+
 class DeliverySchema(Schema):
     id = fields.String(metadata=DELIVERY_ID_DOC)
-    event_id = fields.String(metadata=EVENT_ID_DOC)
+    event_id = fields.String(
+        allow_none=True,
+        metadata={**EVENT_ID_DOC, "description": EVENT_ID_DOC["description"] + NO_EVENT},
+    )
     event_type = fields.String(
+        allow_none=True,
         metadata={
-            "description": "The event's type",
-            "enum": list(SUBSCRIPTION_EVENT_TYPES),
+            "description": "The event's type" + NO_EVENT,
+            "enum": [*SUBSCRIPTION_EVENT_TYPES, None],
             "example": "job.completed",
-        }
+        },
     )
     subscription_id = fields.String(
         allow_none=True,

@@ -133,6 +133,21 @@ def free_slots(state: UpstreamCapacity, in_use: int, max_queued: int, now: datet
     return max(0, cap - in_use + probe)
 
 
+def finds_no_slot(session: Session, project: Project, position: int, max_queued: int) -> bool:
+    """Whether a job of ``project`` at ``position`` in its account's queue waits now.
+
+    A read without locks (the capacity rows are the workers'), good enough to tell a
+    chat user; the worker hands out the slots.
+    """
+    if not max_queued:
+        return False
+    account = project.modelslab_account or DEFAULT_ACCOUNT
+    state = session.scalar(select(UpstreamCapacity).where(UpstreamCapacity.account == account))
+    in_use = slots_in_use(session, [account])[account]
+    free = max_queued - in_use if state is None else free_slots(state, in_use, max_queued, utcnow())
+    return position > free
+
+
 def _accounts(session: Session) -> list[str]:
     """Every account a job can be submitted on: ``default`` and the projects' own."""
     own = session.scalars(

@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Table, Update, bindparam, insert, select, upd
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from service.chat.replies import CHAT_REPLY_KINDS, send_reply
+from service.chat.replies import CHAT_REPLY_KINDS, queued_envelope, send_reply
 from service.extension import Services
 from service.metrics import record_delivery, record_subscription_disabled
 from service.models import (
@@ -398,13 +398,20 @@ class Deliverer:
         connection = session.connection()
         payloads: dict[str, dict[str, Any]] = {}
         event_projects: dict[str, str] = {}
-        for event_id, payload, project_id in connection.execute(
-            EVENT_PAYLOADS, {"ids": sorted({item.event_id for item in claimed})}
+        event_ids = sorted({item.event_id for item in claimed if item.event_id is not None})
+        for event_id, payload, project_id in (
+            connection.execute(EVENT_PAYLOADS, {"ids": event_ids}) if event_ids else ()
         ):
             payloads[event_id] = payload
             event_projects[event_id] = project_id
         # Per-job webhooks are signed with their project's secret (``default``: the setting).
-        projects = sorted({event_projects[i.event_id] for i in claimed if not i.subscription_id})
+        projects = sorted(
+            {
+                event_projects[i.event_id]
+                for i in claimed
+                if not i.subscription_id and i.event_id is not None
+            }
+        )
         signers = {
             project.id: active_secrets(project, now) or [self.settings.webhook_secret]
             for project in (
@@ -416,23 +423,36 @@ class Deliverer:
         )
         bodies: dict[str, str] = {}
 
-        def prepared(item: ClaimedDelivery, kind: str, url: str, secrets: list[str]) -> Prepared:
+        def prepared(
+            item: ClaimedDelivery, event_id: str, kind: str, url: str, secrets: list[str]
+        ) -> Prepared:
             body = None
             if kind == "webhook" or kind in BROKER_KINDS:
-                if item.event_id not in bodies:
-                    bodies[item.event_id] = serialize(payloads[item.event_id])
-                body = bodies[item.event_id]
-            envelope = payloads[item.event_id]
+                if event_id not in bodies:
+                    bodies[event_id] = serialize(payloads[event_id])
+                body = bodies[event_id]
+            envelope = payloads[event_id]
             return Prepared(item.id, kind, url, envelope, secrets, leased_until, body)
 
         ready: list[Prepared] = []
         for item in claimed:
+            if item.event_id is None:
+                # A chat reply that is no event (the Discord "queued" edit): its envelope
+                # names the job; nothing is signed and no subscription is involved.
+                if item.kind in CHAT_REPLY_KINDS:
+                    envelope = queued_envelope(item.job_id)
+                    ready.append(Prepared(item.id, item.kind, "", envelope, [], leased_until))
+                else:
+                    self._update(session, DELIVERIES, item.id, _failed("no event to send", now))
+                continue
             if item.subscription_id is None:
                 signer = signers.get(event_projects[item.event_id])
                 if signer is None:
                     self._update(session, DELIVERIES, item.id, _failed("project not found", now))
                 else:
-                    ready.append(prepared(item, item.kind, item.target_url or "", signer))
+                    ready.append(
+                        prepared(item, item.event_id, item.kind, item.target_url or "", signer)
+                    )
                 continue
             sub = targets.get(item.subscription_id)
             if sub is None or not sub.enabled:
@@ -451,7 +471,9 @@ class Deliverer:
                     paced = now + timedelta(seconds=SLACK_PACE)
                     self._update(session, SUBSCRIPTIONS, sub.id, {"next_send_at": paced})
                     targets[sub.id] = replace(sub, next_send_at=paced)
-                ready.append(prepared(item, sub.kind, sub.url, active_secrets(sub, now)))
+                ready.append(
+                    prepared(item, item.event_id, sub.kind, sub.url, active_secrets(sub, now))
+                )
         return ready
 
     @staticmethod

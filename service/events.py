@@ -50,17 +50,20 @@ def new_event(
 
 def add_delivery(
     session: Session,
-    event: Event,
+    event: Event | None,
     *,
+    project_id: str,
     kind: str,
     subscription_id: str | None,
     target_url: str | None,
     job_id: str | None,
 ) -> Delivery:
+    """Queue a delivery of ``event``; without one, a chat reply of the job's own
+    (the Discord "queued" edit, see ``service.chat.replies.QUEUED``)."""
     now = utcnow()
     delivery = Delivery(
         id=new_id("dlv"),
-        project_id=event.project_id,
+        project_id=project_id,
         event=event,
         subscription_id=subscription_id,
         job_id=job_id,
@@ -95,12 +98,19 @@ def emit_job_event(
     event = new_event(session, event_type, data, job_id=job.id, project_id=job.project_id)
     for sub in matching_subscriptions(session, job.project_id, event_type):
         add_delivery(
-            session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=job.id
+            session,
+            event,
+            project_id=job.project_id,
+            kind=sub.kind,
+            subscription_id=sub.id,
+            target_url=None,
+            job_id=job.id,
         )
     if job.webhook_url and (not job.webhook_events or event_type in job.webhook_events):
         add_delivery(
             session,
             event,
+            project_id=job.project_id,
             kind=WEBHOOK,
             subscription_id=None,
             target_url=job.webhook_url,
@@ -111,6 +121,7 @@ def emit_job_event(
         add_delivery(
             session,
             event,
+            project_id=job.project_id,
             kind=job.chat_reply["kind"],
             subscription_id=None,
             target_url=None,

@@ -252,7 +252,8 @@ class Delivery(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     project_id: Mapped[str] = project_column()
-    event_id: Mapped[str] = mapped_column(ForeignKey("events.id"), index=True)
+    # None: a chat reply that is no event (the Discord "queued" edit, service/chat/replies.py).
+    event_id: Mapped[str | None] = mapped_column(ForeignKey("events.id"), index=True)
     subscription_id: Mapped[str | None] = mapped_column(
         ForeignKey("subscriptions.id", ondelete="CASCADE"), index=True
     )
@@ -270,7 +271,7 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None]
 
     # Declared so the unit of work inserts the event before its deliveries.
-    event: Mapped[Event] = relationship()
+    event: Mapped[Event | None] = relationship()
 
     __table_args__ = (
         UniqueConstraint("event_id", "subscription_id", name="uq_delivery_target"),

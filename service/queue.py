@@ -151,10 +151,12 @@ class ClaimedDelivery:
     """A delivery just leased to us: what is needed to prepare and send it."""
 
     id: str
-    event_id: str
+    # None: a chat reply that is no event (``service.chat.replies.QUEUED``), of ``job_id``.
+    event_id: str | None
     subscription_id: str | None
     kind: str
     target_url: str | None
+    job_id: str | None
 
 
 def _claim_deliveries_statement() -> Update:
@@ -176,6 +178,7 @@ def _claim_deliveries_statement() -> Update:
             deliveries.c.subscription_id,
             deliveries.c.kind,
             deliveries.c.target_url,
+            deliveries.c.job_id,
         )
     )
 

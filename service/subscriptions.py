@@ -217,7 +217,13 @@ def send_test_event(session: Session, db: Database, sub: Subscription) -> tuple[
         project_id=sub.project_id,
     )
     delivery = add_delivery(
-        session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=None
+        session,
+        event,
+        project_id=sub.project_id,
+        kind=sub.kind,
+        subscription_id=sub.id,
+        target_url=None,
+        job_id=None,
     )
     db.notify(session)
     return event, delivery
@@ -252,7 +258,7 @@ def retry_delivery(session: Session, db: Database, delivery: Delivery) -> None:
 
 
 def delivery_resource(
-    delivery: Delivery, event_type: str, attempts: list[DeliveryAttempt] | None = None
+    delivery: Delivery, event_type: str | None, attempts: list[DeliveryAttempt] | None = None
 ) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "id": delivery.id,
@@ -289,9 +295,10 @@ def delivery_resource(
 
 def get_delivery(session: Session, project_id: str, delivery_id: str) -> dict[str, Any] | None:
     """One of the project's deliveries with every attempt, or None."""
+    # An outer join: a chat reply may have no event (the Discord "queued" edit).
     row = session.execute(
         select(Delivery, Event.type)
-        .join(Event, Event.id == Delivery.event_id)
+        .outerjoin(Event, Event.id == Delivery.event_id)
         .where(Delivery.id == delivery_id, Delivery.project_id == project_id)
     ).first()
     if row is None:
@@ -313,7 +320,7 @@ def list_deliveries(
     """One page of the project's deliveries, newest first."""
     query = (
         select(Delivery, Event.type)
-        .join(Event, Event.id == Delivery.event_id)
+        .outerjoin(Event, Event.id == Delivery.event_id)
         .where(Delivery.project_id == project_id)
         .order_by(Delivery.created_at.desc(), Delivery.id.desc())
         .limit(limit + 1)

@@ -1,7 +1,8 @@
 """The Discord interactions endpoint: signatures, PING, ``/animate`` to a queued job.
 
 Requests are signed as Discord signs them (a real Ed25519 key pair); attachments
-are served by a local fake of Discord's CDN over a real socket.
+are served, and ``@original`` edits answered, by a local fake of Discord's CDN and
+API over a real socket.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from nacl.signing import SigningKey
 from PIL import Image
 
 from service import create_app
+from service.delivery import Deliverer
+from service.jobs import create_job
 from service.migrate import upgrade
-from service.models import Job
+from service.models import Job, JobStatus, utcnow
+from service.outbound import make_session
 from tests.conftest import ENGINES, _make_url, app_config
 from tests.local_http import Answer, LocalServer, Received
 
 SIGNING_KEY = SigningKey.generate()
 PUBLIC_KEY = SIGNING_KEY.verify_key.encode().hex()
 URL = "/v1/chat/discord/interactions"
+EDIT_PATH = "/api/webhooks/app1/interaction-token/messages/@original"
+AUTH = {"Authorization": "Bearer test-token"}
 
 
 def png() -> bytes:
@@ -99,6 +105,7 @@ def animate(
 
 @pytest.fixture
 def cdn() -> Iterator[LocalServer]:
+    """Discord's CDN (attachments) and API (``@original`` edits, under ``/api``)."""
     image = png()
 
     def respond(request: Received) -> Answer:
@@ -106,6 +113,8 @@ def cdn() -> Iterator[LocalServer]:
             return 200, {"Content-Type": "image/png"}, image
         if request.path.startswith("/text/"):
             return 200, {"Content-Type": "image/png"}, b"not an image at all"
+        if request.method == "PATCH" and request.path == EDIT_PATH:
+            return 200, {"Content-Type": "application/json"}, b'{"id": "m1"}'
         return 404, {}, b""
 
     with LocalServer(respond) as server:
@@ -241,3 +250,117 @@ def test_allow_list_holds(make_app: Callable[..., Flask], cdn: LocalServer) -> N
     assert "not allowed" in refused["data"]["content"]
     assert post(client, animate(cdn.url, guild="g1")).get_json()["type"] == 5
     assert len(jobs(flask_app)) == 1
+
+
+def jobs_ahead(flask_app: Flask, *, outstanding: int, waiting: int) -> list[str]:
+    """Jobs asked for before: ``outstanding`` hold ModelsLab slots; the waiting ones' ids."""
+    db = flask_app.extensions["motionhook"].db
+    with db.transaction() as session:
+        made = [
+            create_job(session, db, {"prompt": "earlier"}, project_id="prj_default")
+            for _ in range(outstanding + waiting)
+        ]
+        for job in made[:outstanding]:
+            job.status = JobStatus.PROCESSING
+            job.upstream_slot_since = utcnow()
+        return [job.id for job in made[outstanding:]]
+
+
+def leave_queue(flask_app: Flask, job_id: str) -> None:
+    """The job gets its ModelsLab slot and is submitted."""
+    with flask_app.extensions["motionhook"].db.transaction() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status = JobStatus.PROCESSING
+        job.upstream_slot_since = utcnow()
+
+
+def deliver_due(flask_app: Flask) -> int:
+    """Claim and send the due deliveries as the worker does; how many there were."""
+    deliverer = Deliverer(
+        flask_app.extensions["motionhook"], make_session(allow_private=True), owner="test"
+    )
+    try:
+        claimed = deliverer.claim(10)
+        for prepared in claimed:
+            deliverer.deliver(prepared)
+    finally:
+        deliverer.close()
+    return len(claimed)
+
+
+def edits(server: LocalServer) -> list[dict[str, Any]]:
+    return [
+        json.loads(r.body) for r in server.received if r.method == "PATCH" and r.path == EDIT_PATH
+    ]
+
+
+def animate_chat_job(flask_app: Flask, cdn: LocalServer) -> str:
+    """Ask for a video by ``/animate``; the chat job's id."""
+    assert post(flask_app.test_client(), animate(cdn.url)).get_json() == {"type": 5}
+    [job_id] = [job.id for job in jobs(flask_app) if job.source]
+    return job_id
+
+
+def test_animate_waiting_for_a_slot_edits_original_with_its_queue_position(
+    make_app: Callable[..., Flask], cdn: LocalServer
+) -> None:
+    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api", MODELSLAB_MAX_QUEUED=1)
+    client = flask_app.test_client()
+    [ahead] = jobs_ahead(flask_app, outstanding=1, waiting=1)
+    job_id = animate_chat_job(flask_app, cdn)
+
+    # One reply that is no event: listed and fetched like any delivery.
+    [listed] = client.get(f"/v1/deliveries?job_id={job_id}", headers=AUTH).get_json()["items"]
+    assert {k: listed[k] for k in ("kind", "event_id", "event_type", "subscription_id")} == {
+        "kind": "discord_reply",
+        "event_id": None,
+        "event_type": None,
+        "subscription_id": None,
+    }
+    assert listed["status"] == "pending"
+    assert deliver_due(flask_app) == 1
+    assert edits(cdn) == [
+        {"content": "🕒 Queued, position 2", "embeds": [], "allowed_mentions": {"parse": []}}
+    ]
+    detail = client.get(f"/v1/deliveries/{listed['id']}", headers=AUTH).get_json()
+    assert detail["status"] == "delivered"
+    assert [a["status_code"] for a in detail["attempts"]] == [200]
+
+    # Sent again, it says where the job is then.
+    leave_queue(flask_app, ahead)
+    retried = client.post(f"/v1/deliveries/{listed['id']}/retry", headers=AUTH)
+    assert retried.status_code == 202, retried.get_json()
+    assert deliver_due(flask_app) == 1
+    assert edits(cdn)[-1]["content"] == "🕒 Queued, position 1"
+    # Nothing of the interaction token shows in the deliveries API.
+    assert "interaction-token" not in json.dumps([listed, detail, retried.get_json()])
+
+
+def test_queued_edit_after_the_job_started_is_refused_and_edits_nothing(
+    make_app: Callable[..., Flask], cdn: LocalServer
+) -> None:
+    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api", MODELSLAB_MAX_QUEUED=1)
+    jobs_ahead(flask_app, outstanding=1, waiting=0)
+    job_id = animate_chat_job(flask_app, cdn)
+    leave_queue(flask_app, job_id)
+    assert deliver_due(flask_app) == 1
+    assert edits(cdn) == []
+    client = flask_app.test_client()
+    [listed] = client.get(f"/v1/deliveries?job_id={job_id}", headers=AUTH).get_json()["items"]
+    assert listed["status"] == "failed"
+    assert listed["last_error"] == "superseded: the job has left the queue"
+
+
+def test_a_job_that_finds_a_free_slot_gets_no_queued_edit(
+    make_app: Callable[..., Flask], cdn: LocalServer
+) -> None:
+    flask_app = make_app(DISCORD_API_URL=cdn.url + "/api", MODELSLAB_MAX_QUEUED=2)
+    jobs_ahead(flask_app, outstanding=1, waiting=0)
+    job_id = animate_chat_job(flask_app, cdn)
+
+    # One slot of two is free: the job is submitted at once, and "generating" follows.
+    client = flask_app.test_client()
+    assert client.get(f"/v1/deliveries?job_id={job_id}", headers=AUTH).get_json()["items"] == []
+    assert deliver_due(flask_app) == 0
+    assert edits(cdn) == []

@@ -14,12 +14,17 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner
 
-from service.chat.replies import discord_reply_target, send_reply, slack_reply_target
+from service.chat.replies import (
+    discord_reply_target,
+    queued_envelope,
+    send_reply,
+    slack_reply_target,
+)
 from service.cli import main
 from service.events import add_delivery, new_event
 from service.extension import Services
 from service.jobs import create_job
-from service.models import DeliveryAttempt, JobStatus
+from service.models import DeliveryAttempt, Job, JobStatus, utcnow
 from service.notifiers.policy import AttemptResult
 from service.outbound import make_session
 from tests.local_http import Answer, LocalServer, Received, Responder
@@ -154,7 +159,13 @@ def record_answered_replies(services: Services, job_id: str, count: int) -> None
     with services.db.transaction() as session:
         event = new_event(session, "job.processing", {}, job_id=job_id, project_id="prj_default")
         delivery = add_delivery(
-            session, event, kind="slack_reply", subscription_id=None, target_url=None, job_id=job_id
+            session,
+            event,
+            project_id="prj_default",
+            kind="slack_reply",
+            subscription_id=None,
+            target_url=None,
+            job_id=job_id,
         )
         session.flush()
         for _ in range(count):
@@ -306,3 +317,67 @@ def test_discord_progress_edit_says_generating_about_n_seconds(
         "embeds": [],
         "allowed_mentions": {"parse": []},
     }
+
+
+def waiting_discord_job(services: Services, *, ahead: int) -> str:
+    """A Discord job waiting for a slot behind ``ahead`` waiting jobs; its id."""
+    with services.db.transaction() as session:
+        for _ in range(ahead):
+            earlier = create_job(session, services.db, {"prompt": "p"}, project_id="prj_default")
+            earlier.created_at -= timedelta(seconds=1)
+        job = create_job(session, services.db, {"prompt": "p"}, project_id="prj_default")
+        job.chat_reply = discord_reply_target("app1", "tok", "c1")
+        return job.id
+
+
+def test_discord_queued_edit_says_the_position_at_send_time(
+    services: Services, api: LocalServer
+) -> None:
+    job_id = waiting_discord_job(services, ahead=2)
+    configured = services_with(services, api)
+    http = make_session(allow_private=True)
+    result = send_reply(configured, http, queued_envelope(job_id), now=datetime.now(UTC))
+    assert result.outcome.result == "delivered"
+    [request] = api.received
+    assert (request.method, request.path) == (
+        "PATCH",
+        "/api/webhooks/app1/tok/messages/@original",
+    )
+    assert json.loads(request.body) == {
+        "content": "🕒 Queued, position 3",
+        "embeds": [],
+        "allowed_mentions": {"parse": []},
+    }
+
+
+@pytest.mark.parametrize(
+    "status", [JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED]
+)
+def test_discord_queued_edit_after_the_job_left_the_queue_is_refused(
+    services: Services, api: LocalServer, status: str
+) -> None:
+    job_id = waiting_discord_job(services, ahead=0)
+    with services.db.transaction() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status = status
+        # Holding a ModelsLab slot: being submitted (still queued), or submitted.
+        job.upstream_slot_since = utcnow()
+    configured = services_with(services, api)
+    http = make_session(allow_private=True)
+    result = send_reply(configured, http, queued_envelope(job_id), now=datetime.now(UTC))
+    assert result.outcome.result == "permanent"
+    assert result.outcome.reason == "superseded: the job has left the queue"
+    assert api.received == []
+
+
+def test_discord_queued_edit_after_the_token_expired_is_not_posted(
+    services: Services, api: LocalServer
+) -> None:
+    job_id = waiting_discord_job(services, ahead=0)
+    configured = services_with(services, api, discord_bot_token="bot-secret")
+    http = make_session(allow_private=True)
+    result = send_reply(configured, http, queued_envelope(job_id), now=later())
+    assert result.outcome.result == "permanent"
+    assert "progress is not posted" in result.outcome.reason
+    assert api.received == []

@@ -9,6 +9,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from service.devstack import SAMPLE_IMAGE
+from service.events import add_delivery
 from service.extension import Services
 from service.models import DEFAULT_PROJECT_ID, Delivery, Subscription
 from service.subscriptions import create_subscription
@@ -199,6 +200,27 @@ def test_the_deliveries_table_refreshes_alone_and_offers_retry_on_failed_ones(
     assert f'action="/dashboard/deliveries/{delivery_id}/retry"' in table
     other_job = signed_in.get("/dashboard/deliveries/table?job_id=job_none").get_data(as_text=True)
     assert delivery_id not in other_job and "No deliveries." in other_job
+
+
+def test_a_delivery_without_an_event_is_shown_as_the_queue_position_edit(
+    signed_in: FlaskClient, services: Services
+) -> None:
+    with services.db.transaction() as session:
+        delivery = add_delivery(
+            session,
+            None,
+            project_id=DEFAULT_PROJECT_ID,
+            kind="discord_reply",
+            subscription_id=None,
+            target_url=None,
+            job_id="job_waiting",
+        )
+        delivery_id = delivery.id
+    table = signed_in.get("/dashboard/deliveries/table").get_data(as_text=True)
+    assert delivery_id in table and "queue position" in table and "None" not in table
+    page = signed_in.get(f"/dashboard/deliveries/{delivery_id}")
+    assert page.status_code == 200
+    assert "the edit that shows the queue position" in page.get_data(as_text=True)
 
 
 def test_the_live_streams_resume_after_last_event_id_and_know_only_the_projects_jobs(

@@ -19,7 +19,9 @@ from standardwebhooks import Webhook
 
 from service.delivery import PUBLISH_BATCH, Deliverer
 from service.devstack import wait_until
+from service.events import add_delivery
 from service.extension import Services
+from service.models import DEFAULT_PROJECT_ID
 from service.outbound import make_session
 from service.worker import Worker
 from tests.sinks import Received, Sink
@@ -244,3 +246,29 @@ def test_deliveries_to_one_broker_are_claimed_and_sent_as_batches(
         (attempt,) = delivery["attempts"]
         excerpts.add(attempt["response_excerpt"])
     assert len(excerpts) == PUBLISH_BATCH + 10
+
+
+def test_a_delivery_without_an_event_that_is_no_chat_reply_fails_unsent(
+    client: FlaskClient, auth: dict[str, str], fast: Services, sink: Callable[..., Sink]
+) -> None:
+    receiver = sink()
+    with fast.db.transaction() as session:
+        delivery_id = add_delivery(
+            session,
+            None,
+            project_id=DEFAULT_PROJECT_ID,
+            kind="webhook",
+            subscription_id=None,
+            target_url=receiver.url,
+            job_id=None,
+        ).id
+    deliverer = Deliverer(fast, make_session(allow_private=True), owner="test")
+    assert deliverer.claim(10) == []
+    deliverer.close()
+    body = client.get(f"/v1/deliveries/{delivery_id}", headers=auth).get_json()
+    assert (body["status"], body["last_error"], body["attempts"]) == (
+        "failed",
+        "no event to send",
+        [],
+    )
+    assert receiver.received == []

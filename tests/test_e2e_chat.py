@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import requests
 
+from service.callbacks import callback_url
 from service.devstack import Stack
 from tests.conftest import eventually
 from tests.local_http import Answer, LocalServer, Received
 from tests.test_chat_discord import PUBLIC_KEY, URL, animate, png, signed
+from tests.test_e2e_core import set_knobs, settle, submit
 
 pytestmark = pytest.mark.e2e
 
@@ -63,8 +65,16 @@ def edits(server: LocalServer) -> list[dict[str, Any]]:
 def test_animate_ends_with_original_edited_to_the_video(
     make_stack: Callable[..., Stack], discord: LocalServer
 ) -> None:
-    stack = make_stack(**STACK_ENV, MOTIONHOOK_DISCORD_API_URL=discord.url + "/api")
+    stack = make_stack(
+        **STACK_ENV,
+        MOTIONHOOK_DISCORD_API_URL=discord.url + "/api",
+        MOTIONHOOK_MODELSLAB_MAX_QUEUED="1",
+    )
     stack.start_all("--delay", "0.2", "--eta", "1")
+    # The one slot is taken by a job whose callback does not come until the test sends it.
+    set_knobs(stack, drop_callback=True)
+    blocker = settle(stack, submit(stack)["id"], "processing")
+    set_knobs(stack, drop_callback=False)
     prompt = "@everyone look <!channel>"
     body = json.dumps(animate(discord.url, prompt=prompt, frames=8)).encode()
     started = time.monotonic()
@@ -74,6 +84,17 @@ def test_animate_ends_with_original_edited_to_the_video(
     assert answer.json() == {"type": 5}
     assert elapsed < 3.0
 
+    # While the job waits for the slot, the answer says where it is in the queue.
+    queued = {"content": "🕒 Queued, position 1", "embeds": [], "allowed_mentions": {"parse": []}}
+    eventually(stack, lambda: queued in edits(discord), "@original edited to the queue position")
+    failed = {"status": "failed", "id": blocker["upstream"]["id"], "message": "test frees the slot"}
+    freed = requests.post(
+        callback_url(stack.web_url, STACK_ENV["MOTIONHOOK_CALLBACK_SECRET"], blocker["id"]),
+        json={**failed, "track_id": blocker["id"]},
+        timeout=10,
+    )
+    assert freed.status_code == 200, freed.text
+
     def finished() -> dict[str, Any] | None:
         done = [e for e in edits(discord) if "/media/outputs/" in e.get("content", "")]
         return done[-1] if done else None
@@ -81,8 +102,13 @@ def test_animate_ends_with_original_edited_to_the_video(
     final = eventually(stack, finished, "@original edited with the video", timeout=WAIT)
     assert final["allowed_mentions"] == {"parse": []}
     assert final["embeds"][0]["url"] == final["content"]
+    # Queued, then generating, then the video (the 429 made the video edit twice).
+    contents = [e["content"] for e in edits(discord)]
+    assert contents[:2] == ["🕒 Queued, position 1", "⏳ Generating, about 1 s"]
+    assert all("/media/outputs/" in content for content in contents[2:])
     api = stack.api()
-    [job] = api.get(stack.web_url + "/v1/jobs", timeout=5).json()["items"]
+    listed_jobs = api.get(stack.web_url + "/v1/jobs", timeout=5).json()["items"]
+    [job] = [item for item in listed_jobs if item["source"]]
     assert job["status"] == "completed"
     assert job["source"] == {"kind": "discord", "workspace": "g1", "channel": "c1", "user": "u1"}
     assert final["content"].split("?")[0] == job["outputs"][0]["url"].split("?")[0]
@@ -97,7 +123,12 @@ def test_animate_ends_with_original_edited_to_the_video(
         lambda: all(d["status"] == "delivered" for d in replies()) and replies(),
         "every reply delivered",
     )
-    assert len(listed) == 2  # job.processing, job.completed
+    # The queue position (no event), job.processing, job.completed.
+    assert sorted(str(d["event_type"]) for d in listed) == [
+        "None",
+        "job.completed",
+        "job.processing",
+    ]
     retried = [d for d in listed if d["attempt_count"] == 2]
     assert len(retried) == 1
     detail = api.get(stack.web_url + f"/v1/deliveries/{retried[0]['id']}", timeout=5).json()

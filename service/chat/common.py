@@ -10,9 +10,11 @@ from limits import RateLimitItem, parse
 from limits.storage import Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from service.capacity import queue_position
+from service.capacity import finds_no_slot, queue_position
+from service.chat.replies import DISCORD_REPLY
 from service.config import ConfigError, Settings
 from service.downloads import store_upload
+from service.events import add_delivery
 from service.extension import Services
 from service.jobs import create_job
 from service.models import new_id
@@ -146,4 +148,21 @@ def submit_chat_job(
             source=source,
         )
         job.chat_reply = reply
-        return queue_position(session, job)
+        position = queue_position(session, job)
+        if (
+            position is not None
+            and reply["kind"] == DISCORD_REPLY
+            and finds_no_slot(session, project, position, settings.modelslab_max_queued)
+        ):
+            # Discord's deferred answer says "thinking…" until edited: while the job waits
+            # for a slot, one edit says where it is (Slack's acknowledgement already does).
+            add_delivery(
+                session,
+                None,
+                project_id=project.id,
+                kind=DISCORD_REPLY,
+                subscription_id=None,
+                target_url=None,
+                job_id=job.id,
+            )
+        return position

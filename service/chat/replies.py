@@ -2,7 +2,9 @@
 
 Discord: the deferred answer (``@original``) is edited with each event while the
 interaction token lives (15 minutes); after that the result is posted to the
-channel with the bot token, or the delivery fails saying why.
+channel with the bot token, or the delivery fails saying why. A job that waits for
+a ModelsLab slot gets one more edit, "queued, position N", from a delivery without
+an event (``QUEUED``): there is no public event for waiting.
 
 Slack: progress goes to the request's ``response_url`` as an ephemeral message;
 the result, with the bot token, is the video uploaded to the channel (a
@@ -27,6 +29,7 @@ from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web import SlackResponse
 from sqlalchemy import func, select
 
+from service.capacity import queue_position
 from service.extension import Services
 from service.models import Delivery, DeliveryAttempt, Job, JobStatus
 from service.notifiers import Message, fit, job_prompt, json_body
@@ -52,6 +55,9 @@ RESPONSE_URL_USES = 5
 INITIAL_COMMENT_LIMIT = 3000
 FINAL_EVENTS = frozenset({"job.completed", "job.failed"})
 FINISHED_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED})
+# The type of the envelope a delivery without an event is sent with: the Discord edit
+# "queued, position N". It is never an event and never goes to subscriptions.
+QUEUED = "job.queued"
 
 
 def _reply_target(kind: str, expiry: str, lifetime: timedelta, **where: Any) -> dict[str, Any]:
@@ -87,6 +93,11 @@ def slack_reply_target(
     )
 
 
+def queued_envelope(job_id: str | None) -> dict[str, Any]:
+    """The envelope of a delivery without an event: its job's "queued" edit."""
+    return {"id": None, "type": QUEUED, "data": {"id": job_id}}
+
+
 def progress_text(data: Mapping[str, Any]) -> str:
     """What a chat shows while the video is made: "generating, about N s"."""
     upstream = data.get("upstream")
@@ -107,6 +118,8 @@ class _ReplyJob:
     # Slack: posts to the response_url so far (the acknowledgement and each answered
     # attempt; with a bot token the result's calls count too, harmlessly: they come last).
     response_url_uses: int
+    # Where the job waits for a slot (read for the "queued" edit only); None: not waiting.
+    queue_position: int | None
 
 
 def _refused(reason: str) -> AttemptResult:
@@ -121,7 +134,8 @@ def _refused(reason: str) -> AttemptResult:
     )
 
 
-def _read_job(services: Services, job_id: str) -> _ReplyJob | None:
+def _read_job(services: Services, job_id: str, *, position: bool) -> _ReplyJob | None:
+    """The job's reply target and state; with ``position``, its place in the queue now."""
     with services.db.transaction() as session:
         job = session.get(Job, job_id)
         if job is None or not job.chat_reply:
@@ -146,6 +160,7 @@ def _read_job(services: Services, job_id: str) -> _ReplyJob | None:
             finished=job.status in FINISHED_STATUSES,
             video_key=stored[0] if stored else None,
             response_url_uses=uses,
+            queue_position=queue_position(session, job) if position else None,
         )
 
 
@@ -158,30 +173,39 @@ def send_reply(
 ) -> AttemptResult:
     """Send one job event back to the chat its job came from."""
     data = envelope.get("data") or {}
-    job = _read_job(services, str(data.get("id")))
+    queued = envelope.get("type") == QUEUED
+    job = _read_job(services, str(data.get("id")), position=queued)
     if job is None:
         return _refused("the job and its chat are gone")
+    if queued and job.queue_position is None:
+        # Submitted (or being submitted): "generating" or the result says more, and this
+        # edit must not overwrite it.
+        return _refused("superseded: the job has left the queue")
     if job.finished and envelope.get("type") not in FINAL_EVENTS:
         # A late progress edit must not overwrite the result.
         return _refused("superseded: the job has finished")
     if job.target["kind"] == SLACK_REPLY:
         return _send_slack(services, http, envelope, job, now=now)
-    return _send_discord(services, http, envelope, job.target, now=now)
+    return _send_discord(services, http, envelope, job, now=now)
 
 
 def _send_discord(
     services: Services,
     http: requests.Session,
     envelope: Mapping[str, Any],
-    target: dict[str, Any],
+    job: _ReplyJob,
     *,
     now: datetime,
 ) -> AttemptResult:
     settings = services.settings
+    target = job.target
     if envelope.get("type") in FINAL_EVENTS:
         payload = discord_render.render(envelope)
     else:
-        content = progress_text(envelope.get("data") or {})
+        if envelope.get("type") == QUEUED:
+            content = f"🕒 Queued, position {job.queue_position}"
+        else:
+            content = progress_text(envelope.get("data") or {})
         payload = {"content": content, "embeds": [], "allowed_mentions": {"parse": []}}
     api = settings.discord_api_url
     expires = datetime.fromisoformat(target["token_expires_at"])
