@@ -253,7 +253,8 @@ class Delivery(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     project_id: Mapped[str] = project_column()
     # None: a chat reply that is no event (the Discord "queued" edit, service/chat/replies.py).
-    event_id: Mapped[str | None] = mapped_column(ForeignKey("events.id"), index=True)
+    # Looked up through uq_delivery_target, which leads with it (no index of its own).
+    event_id: Mapped[str | None] = mapped_column(ForeignKey("events.id"))
     subscription_id: Mapped[str | None] = mapped_column(
         ForeignKey("subscriptions.id", ondelete="CASCADE"), index=True
     )
