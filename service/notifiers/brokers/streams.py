@@ -51,7 +51,7 @@ class RedisPublisher(Publisher):
             retry=Retry(NoBackoff(), 0),
             client_name=CLIENT_NAME,
         )
-        client = redis.Redis(connection_pool=pool)
+        client = redis.Redis.from_pool(pool)  # the client owns the pool: close() closes it
         try:
             client.ping()  # log in now, so a refused login is told apart from later errors
         except redis_errors.RedisError:
