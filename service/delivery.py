@@ -266,7 +266,7 @@ def _settle_statement(names: tuple[str, ...], *, counting: bool) -> Update:
     if not counting:
         return statement.values(values)
     return statement.values(values | {"attempt_count": DELIVERIES.c.attempt_count + 1}).returning(
-        *COUNT_ATTEMPT.exported_columns
+        *COUNTED
     )
 
 

@@ -52,18 +52,22 @@ def add_delivery(
     session: Session,
     event: Event | None,
     *,
-    project_id: str,
     kind: str,
     subscription_id: str | None,
     target_url: str | None,
     job_id: str | None,
+    project_id: str | None = None,
 ) -> Delivery:
-    """Queue a delivery of ``event``; without one, a chat reply of the job's own
-    (the Discord "queued" edit, see ``service.chat.replies.QUEUED``)."""
+    """Queue a delivery of ``event``, in the event's project; without an event, a chat
+    reply of the job's own in ``project_id`` (the Discord "queued" edit, see
+    ``service.chat.replies.QUEUED``)."""
+    owner = event.project_id if event is not None else project_id
+    if owner is None:
+        raise ValueError("a delivery without an event needs its project_id")
     now = utcnow()
     delivery = Delivery(
         id=new_id("dlv"),
-        project_id=project_id,
+        project_id=owner,
         event=event,
         subscription_id=subscription_id,
         job_id=job_id,
@@ -98,19 +102,12 @@ def emit_job_event(
     event = new_event(session, event_type, data, job_id=job.id, project_id=job.project_id)
     for sub in matching_subscriptions(session, job.project_id, event_type):
         add_delivery(
-            session,
-            event,
-            project_id=job.project_id,
-            kind=sub.kind,
-            subscription_id=sub.id,
-            target_url=None,
-            job_id=job.id,
+            session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=job.id
         )
     if job.webhook_url and (not job.webhook_events or event_type in job.webhook_events):
         add_delivery(
             session,
             event,
-            project_id=job.project_id,
             kind=WEBHOOK,
             subscription_id=None,
             target_url=job.webhook_url,
@@ -121,7 +118,6 @@ def emit_job_event(
         add_delivery(
             session,
             event,
-            project_id=job.project_id,
             kind=job.chat_reply["kind"],
             subscription_id=None,
             target_url=None,

@@ -217,13 +217,7 @@ def send_test_event(session: Session, db: Database, sub: Subscription) -> tuple[
         project_id=sub.project_id,
     )
     delivery = add_delivery(
-        session,
-        event,
-        project_id=sub.project_id,
-        kind=sub.kind,
-        subscription_id=sub.id,
-        target_url=None,
-        job_id=None,
+        session, event, kind=sub.kind, subscription_id=sub.id, target_url=None, job_id=None
     )
     db.notify(session)
     return event, delivery

@@ -90,8 +90,6 @@ class Lane(Generic[T]):
     returned: list[T] = field(init=False, default_factory=list, repr=False)
     # When to look for due items next (time.monotonic()); None: ask the database when.
     check_at: float | None = field(init=False, default=0.0)
-    # Units held (the sum of the held items' sizes).
-    units: int = field(init=False, default=0)
     # Units run to the end (successfully or not) since the worker started.
     done: int = field(init=False, default=0)
 
@@ -100,7 +98,7 @@ class Lane(Generic[T]):
 
     @property
     def free(self) -> int:
-        return self.capacity - self.units
+        return self.capacity - sum(map(self.size, self.held.values()))
 
     @property
     def blocked(self) -> bool:
@@ -393,7 +391,6 @@ class Worker:
         with self.lock:
             future = lane.pool.submit(run)
             lane.held[future] = item
-            lane.units += lane.size(item)
         future.add_done_callback(lambda done: self._finished(lane, item, context, done))
 
     def _finished(
@@ -401,8 +398,7 @@ class Worker:
     ) -> None:
         error = None if future.cancelled() else future.exception()
         with self.lock:
-            if lane.held.pop(future, None) is not None:
-                lane.units -= lane.size(item)
+            lane.held.pop(future, None)
             lane.done += lane.size(item)
             if error is not None and database_unavailable(error):
                 lane.returned.append(item)
