@@ -235,7 +235,13 @@ class Stack:
         ]
         if GUNICORN_CONF.exists():
             argv += ["-c", str(GUNICORN_CONF)]
-        process = self.spawn("web", argv, extra_env)
+        # Counters in the instance folder: a stack that is killed leaves nothing in /tmp.
+        env = dict(extra_env or {})
+        if "PROMETHEUS_MULTIPROC_DIR" not in {**self.env, **env}:
+            metrics = self.instance / f"metrics-{len(self.processes)}"
+            metrics.mkdir(exist_ok=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+        process = self.spawn("web", argv, env)
         self._wait_ready(process, f"{self.web_url}/readyz", self.web_port)
         return process
 
@@ -294,9 +300,26 @@ class Stack:
         self.start_web()
         self.start_worker()
 
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
+    def stop(self, timeout: float = 15) -> None:
+        """Stop every process gracefully (SIGTERM), all at once; kill what outlasts ``timeout``."""
+        running = [process for process in reversed(self.processes) if process.popen.poll() is None]
+        for process in running:
+            process.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in running:
+            try:
+                process.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.signal(signal.SIGKILL)
+                process.popen.wait(5)
+
+    def kill(self) -> None:
+        """End every process now (SIGKILL): for a test that is over, where nothing is left
+        to finish and a graceful stop only costs time (gunicorn waits out keep-alives)."""
+        for process in self.processes:
+            process.signal(signal.SIGKILL)
+        for process in self.processes:
+            process.popen.wait(5)
 
     def api(self) -> requests.Session:
         session = requests.Session()

@@ -177,7 +177,7 @@ def make_stack(tmp_path: Path, stack_database_url: str) -> Iterator[Callable[...
 
     yield make
     for stack in stacks:
-        stack.stop()
+        stack.kill()
 
 
 def eventually(

@@ -363,7 +363,7 @@ def test_compose_runs_with_nothing_exported_on_secrets_made_once(
         assert event["data"]["id"] == submitted.json()["id"]
         assert all((stack.instance / name).read_text() == value for name, value in secrets.items())
     finally:
-        stack.stop()
+        stack.kill()
         server.shutdown()
 
 
@@ -496,7 +496,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     processes = Stack(tmp_path / "stack", env={"WEB_CONCURRENCY": "1"}, simulator=False)
     processes.migrate()
     yield processes
-    processes.stop()
+    processes.kill()
 
 
 @pytest.mark.e2e

@@ -177,4 +177,4 @@ def test_an_impostor_on_the_port_does_not_pass_for_the_simulator(
             stack.start_simulator()
         assert "simulator exited while starting" in raised.value.summary
     finally:
-        stack.stop()
+        stack.kill()

@@ -183,7 +183,7 @@ def shared_stack(
         stack.start_all(*SIMULATOR_FLAGS)
         yield stack
     finally:
-        stack.stop()
+        stack.kill()
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ def outage_stack(tmp_path: Path, pg_cluster: PgCluster) -> Iterator[Stack]:  # n
         stack.start_all(*SIMULATOR_FLAGS)
         yield stack
     finally:
-        stack.stop()
+        stack.kill()
 
 
 def test_a_database_crash_loses_and_doubles_nothing(
@@ -343,4 +343,4 @@ def test_web_logs_an_outage_once_and_sends_nothing_to_sentry(
         assert len(warnings) == 2, warnings
         assert all(json.loads(line)["level"] == "WARNING" for line in warnings)
     finally:
-        stack.stop()
+        stack.kill()

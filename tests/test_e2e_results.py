@@ -235,7 +235,7 @@ def shared_stack(
         stack.start_all()
         yield stack
     finally:
-        stack.stop()
+        stack.kill()
         if drop_schema is not None:
             drop_schema()
 

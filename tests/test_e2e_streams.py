@@ -199,7 +199,7 @@ def test_reconnecting_with_last_event_id_misses_nothing_and_repeats_nothing(
         assert second.ids == while_away + after
         second.close()
     finally:
-        other.stop()
+        other.kill()
 
 
 def test_streams_past_the_bound_answer_503(make_stack: Callable[..., Stack]) -> None:

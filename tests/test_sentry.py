@@ -93,7 +93,7 @@ def stack(tmp_path: Path, stack_database_url: str, ingest: Ingest) -> Iterator[S
     processes = Stack(tmp_path / "stack", env=env, token=API_TOKEN, simulator=False)
     processes.migrate()
     yield processes
-    processes.stop()
+    processes.kill()
 
 
 def assert_no_secrets(ingest: Ingest, extra: tuple[str, ...] = ()) -> None:

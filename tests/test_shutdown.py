@@ -91,7 +91,7 @@ def make_stack(tmp_path: Path, stack_database_url: str, gate: Gate) -> Iterator[
 
     yield make
     for stack in stacks:
-        stack.stop()
+        stack.kill()
 
 
 def failed_job_with_webhook(app: Flask, url: str) -> str:

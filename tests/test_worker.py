@@ -70,6 +70,13 @@ class FakeWork:
         if error is not None:
             raise error
 
+    def open_all(self) -> None:
+        """Let every held item finish, and those claimed from now on run at once."""
+        with self.lock:
+            self.hold = False
+            for gate in self.gates.values():
+                gate.set()
+
     def release(self, _session: Session, items: list[int]) -> None:
         with self.lock:
             self.released.extend(items)
@@ -122,8 +129,7 @@ def test_a_lane_claims_what_is_free_then_in_batches(running: Callable[..., Worke
     work.gates[3].set()
     wait_until(lambda: len(work.gates) == 12, timeout=WAIT, message="a batch of four")
     assert 4 in work.limits[1:]
-    for gate in work.gates.values():
-        gate.set()
+    work.open_all()
 
 
 def test_capacity_counts_the_units_of_work_an_item_stands_for(
@@ -139,8 +145,7 @@ def test_capacity_counts_the_units_of_work_an_item_stands_for(
     wait_until(lambda: len(work.gates) == 3, timeout=WAIT, message="a claim for four units")
     assert work.limits[1:] == [4]
     wait_until(lambda: worker.lanes[0].done == 4, timeout=WAIT, message="the finished item counted")
-    for gate in work.gates.values():
-        gate.set()
+    work.open_all()
 
 
 @pytest.mark.postgresql
@@ -225,8 +230,7 @@ def test_shutdown_hands_back_what_is_held_after_the_grace_period(
     wait_until(lambda: len(work.released) == 5, timeout=WAIT, message="the hand-back")
     assert sorted(work.released) == [1, 2, 3, 4, 5]
     assert worker.abandoned == 2
-    for gate in work.gates.values():
-        gate.set()
+    work.open_all()
 
 
 def test_a_lane_asks_the_database_when_work_comes_due(services: Services) -> None:
