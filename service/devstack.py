@@ -147,6 +147,10 @@ class Process:
 
     def stop(self, timeout: float = 15) -> int | None:
         self.signal(signal.SIGTERM)
+        return self.reap(timeout)
+
+    def reap(self, timeout: float) -> int | None:
+        """Wait ``timeout`` seconds for the process to exit, then kill it."""
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -237,7 +241,7 @@ class Stack:
             argv += ["-c", str(GUNICORN_CONF)]
         # Counters in the instance folder: a stack that is killed leaves nothing in /tmp.
         env = dict(extra_env or {})
-        if "PROMETHEUS_MULTIPROC_DIR" not in {**self.env, **env}:
+        if "PROMETHEUS_MULTIPROC_DIR" not in self.env and "PROMETHEUS_MULTIPROC_DIR" not in env:
             metrics = self.instance / f"metrics-{len(self.processes)}"
             metrics.mkdir(exist_ok=True)
             env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
@@ -307,11 +311,7 @@ class Stack:
             process.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for process in running:
-            try:
-                process.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.signal(signal.SIGKILL)
-                process.popen.wait(5)
+            process.reap(max(0.0, deadline - time.monotonic()))
 
     def kill(self) -> None:
         """End every process now (SIGKILL): for a test that is over, where nothing is left
